@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ObsResult", "prepare_hessian", "obs_prune", "reconstruction_error"]
+__all__ = ["ObsResult", "prepare_hessian", "obs_prune", "obs_prune_reference", "obs_prune_columns",
+           "reconstruction_error"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,15 @@ def _inverse(H: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(L)
 
 
-def obs_prune(
+def obs_prune(W: torch.Tensor, H: torch.Tensor, *, group_size: int, boundaries: list[int],
+              damping: float = 0.01, block: int = 256) -> ObsResult:
+    """Greedy structured OBS; single columns use the lazy-batch solver, groups the reference loop."""
+    if group_size == 1:
+        return obs_prune_columns(W, H, boundaries=boundaries, damping=damping, block=block)
+    return obs_prune_reference(W, H, group_size=group_size, boundaries=boundaries, damping=damping)
+
+
+def obs_prune_reference(
     W: torch.Tensor,
     H: torch.Tensor,
     *,
@@ -86,17 +95,23 @@ def obs_prune(
         rho = _saliency(W, Hinv, s, removed)  # [n]
         g = int(torch.argmin(rho))
         cols = slice(g * s, (g + 1) * s)
-        block_inv = torch.linalg.pinv(Hinv[cols, cols]) if s > 1 else 1.0 / Hinv[cols, cols]  # [s, s]
-        # W ← W − W_S (H⁻¹_SS)⁻¹ H⁻¹_{S,:}; H⁻¹ ← H⁻¹ − H⁻¹_{:,S} (H⁻¹_SS)⁻¹ H⁻¹_{S,:}
-        W -= (W[:, cols] @ block_inv) @ Hinv[cols, :]
-        Hinv -= Hinv[:, cols] @ block_inv @ Hinv[cols, :]
+        if s == 1:
+            # rank-1 case, in place: W ← W − w_j h_jᵀ / h_jj ; H⁻¹ ← H⁻¹ − h_j h_jᵀ / h_jj
+            d = Hinv[g, g].clone()
+            h = Hinv[g, :].clone()  # [d_col]
+            W.addr_(W[:, g].clone(), h, alpha=-1.0 / float(d))
+            Hinv.addr_(h, h, alpha=-1.0 / float(d))
+        else:
+            block_inv = torch.linalg.pinv(Hinv[cols, cols])  # [s, s]
+            W -= (W[:, cols] @ block_inv) @ Hinv[cols, :]
+            Hinv -= Hinv[:, cols] @ block_inv @ Hinv[cols, :]
         removed[g] = True
-        dead_cols = removed.repeat_interleave(s)  # [d_col]
-        W[:, dead_cols] = 0.0
-        # keep later per-structure block inversions well-posed (ALGORITHM.md §2.4)
-        Hinv[dead_cols, :] = 0.0
-        Hinv[:, dead_cols] = 0.0
-        Hinv[dead_cols, dead_cols] = 1.0
+        # exact zeros for the removed structure; its H⁻¹ rows/cols are ~0 after the downdate: clear
+        # them and set the diagonal to 1 so later block inversions stay well-posed (ALGORITHM.md §2.4)
+        W[:, cols] = 0.0
+        Hinv[cols, :] = 0.0
+        Hinv[:, cols] = 0.0
+        Hinv[cols, cols] += torch.eye(s, dtype=Hinv.dtype)
         total += float(rho[g])
         order.append(g)
         errors.append(total)
@@ -123,3 +138,80 @@ def reconstruction_error(W_ref: torch.Tensor, W_new: torch.Tensor, H: torch.Tens
     """tr((W_ref − W_new) H (W_ref − W_new)ᵀ): the layer-output squared error under inputs with E[xxᵀ]=H."""
     D = (W_ref.to(torch.float64) - W_new.to(torch.float64))  # [d_row, d_col]
     return float(torch.einsum("ri,ij,rj->", D, H.to(torch.float64), D))
+
+
+def obs_prune_columns(W: torch.Tensor, H: torch.Tensor, *, boundaries: list[int], damping: float = 0.01,
+                      block: int = 256) -> ObsResult:
+    """The same greedy single-column OBS path as ``obs_prune_reference(group_size=1)``, with lazy batches.
+
+    The reference touches all of W [r, c] and H⁻¹ [c, c] at every removal (O(c²) memory traffic per
+    step). Here the updates of the last ≤ ``block`` removals are kept in factored form,
+    W = W₀ − A Uᵀ and H⁻¹ = H⁻¹₀ − U Uᵀ, and the greedy choice only needs diag(H⁻¹) and the column
+    norms of W, which are updated in O(c·k) per step from the Gram matrix G = W₀ᵀW₀ (no pass over W).
+    Every ``block`` steps (and at every snapshot) the factors are applied with matrix-matrix products
+    and the norms/diagonal are recomputed exactly, so rounding does not accumulate.
+    """
+    d_row, n = W.shape
+    wanted = sorted(set(boundaries))
+    if wanted and (wanted[0] < 1 or wanted[-1] >= n):
+        raise ValueError(f"boundaries must lie in 1..{n - 1}, got {wanted}")
+    f64 = torch.float64
+    W0 = W.to(f64).clone()  # [r, c]
+    H0 = _inverse(prepare_hessian(H, damping))  # [c, c]
+    removed = torch.zeros(n, dtype=torch.bool)
+    order: list[int] = []
+    errors: list[float] = []
+    snapshots: dict[int, torch.Tensor] = {}
+    total = 0.0
+    last = wanted[-1] if wanted else 0
+
+    def fresh():
+        G = W0.T @ W0  # [c, c]
+        return G, torch.diagonal(G).clone(), torch.diagonal(H0).clone()
+
+    G, norms, diag = fresh()
+    A = torch.zeros(d_row, block, dtype=f64)  # [r, B]  factors of the pending updates
+    U = torch.zeros(n, block, dtype=f64)  # [c, B]
+    WtA = torch.zeros(n, block, dtype=f64)  # [c, B] = W₀ᵀ A
+    AtA = torch.zeros(block, block, dtype=f64)  # [B, B]
+    k = 0
+    inf = torch.tensor(float("inf"), dtype=f64)
+    for step in range(1, last + 1):
+        rho = torch.where(removed, inf, norms / diag)  # [c]
+        p = int(torch.argmin(rho))
+        up = U[p, :k]  # [k]
+        h = H0[p] - U[:, :k] @ up  # [c]  current row p of H⁻¹
+        sq = torch.sqrt(h[p])
+        u = h / sq  # [c]
+        a = (W0[:, p] - A[:, :k] @ up) / sq  # [r]  current column p of W, scaled
+        W0ta = (G[:, p] - WtA[:, :k] @ up) / sq  # [c]  W₀ᵀ a
+        Ata = (WtA[p, :k] - AtA[:k, :k] @ up) / sq  # [k]  Aᵀ a
+        Wta = W0ta - U[:, :k] @ Ata  # [c]  (current W)ᵀ a
+        aa = a @ a
+        norms = norms - 2.0 * u * Wta + u * u * aa
+        diag = diag - u * u
+        A[:, k], U[:, k], WtA[:, k] = a, u, W0ta
+        AtA[k, :k] = Ata
+        AtA[:k, k] = Ata
+        AtA[k, k] = aa
+        k += 1
+        removed[p] = True
+        total += float(rho[p])
+        order.append(p)
+        errors.append(total)
+        if step in wanted and k < block:
+            snap = W0 - A[:, :k] @ U[:, :k].T
+            snap[:, removed] = 0.0
+            snapshots[step] = snap
+        if k == block:
+            W0 -= A @ U.T
+            W0[:, removed] = 0.0
+            H0 -= U @ U.T
+            H0[removed, :] = 0.0
+            H0[:, removed] = 0.0
+            H0[removed, removed] = 1.0
+            G, norms, diag = fresh()
+            k = 0
+            if step in wanted:
+                snapshots[step] = W0.clone()
+    return ObsResult(order=order, snapshots=snapshots, errors=errors)

@@ -33,7 +33,26 @@ def _stdlib_docs(limit: int = 400) -> list[str]:
     return docs
 
 
-def make_tiny_assets(root: pathlib.Path, *, model_type: str = "llama", seed: int = 0) -> pathlib.Path:
+def _pretrain(model, tok, docs, *, steps: int, seq: int = 64, batch: int = 8) -> None:
+    """A few hundred AdamW steps so the tiny model has real structure (a random one is ~uniform)."""
+    import torch
+
+    ids = torch.tensor([t for d in docs for t in tok(d)["input_ids"]], dtype=torch.int64)
+    n = (ids.numel() // seq) * seq
+    data = ids[:n].view(-1, seq)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        rows = data[torch.randint(0, data.shape[0], (batch,), generator=g)]
+        model(input_ids=rows, labels=rows).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def make_tiny_assets(root: pathlib.Path, *, model_type: str = "llama", seed: int = 0,
+                     pretrain_steps: int = 150) -> pathlib.Path:
     """Write ``root/model`` (HF dir) and ``root/text/{train,heldout}/*.txt``; returns root."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -54,6 +73,7 @@ def make_tiny_assets(root: pathlib.Path, *, model_type: str = "llama", seed: int
     cfg = AutoConfig.for_model(model_type, **cfg_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
+    _pretrain(model, fast, [d for i, d in enumerate(docs) if i % 10], steps=pretrain_steps)
     model.save_pretrained(root / "model", safe_serialization=True)
     fast.save_pretrained(root / "model")
     return root

@@ -75,3 +75,17 @@ def test_dead_inputs_and_bad_boundaries():
         obs_prune(W, H, group_size=1, boundaries=[4])
     with pytest.raises(ValueError):
         obs_prune(W, H, group_size=3, boundaries=[1])
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_lazy_batch_columns_match_reference(block):
+    from darwinlm.obs import obs_prune_columns, obs_prune_reference
+
+    W, H = _problem(7, 40, 5)
+    bounds = [4, 10, 25, 39]
+    ref = obs_prune_reference(W, H, group_size=1, boundaries=bounds, damping=0.01)
+    fast = obs_prune_columns(W, H, boundaries=bounds, damping=0.01, block=block)
+    assert fast.order == ref.order
+    for k in bounds:
+        torch.testing.assert_close(fast.snapshots[k], ref.snapshots[k], atol=1e-9, rtol=1e-7)
+    assert fast.errors == pytest.approx(ref.errors, rel=1e-8)

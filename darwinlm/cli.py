@@ -1,0 +1,168 @@
+"""The ``darwinlm`` command line: the edge where progress bars, logging and exit codes live.
+
+    darwinlm run SPEC.yaml [--store URI]      everything; resumes when re-run
+    darwinlm validate SPEC.yaml               exit 0, or 2 listing every error with its field path
+    darwinlm schema                           the spec's JSON Schema
+    darwinlm plan SPEC.yaml                   the tasks that would run next
+    darwinlm database|search|posttrain|export|evaluate SPEC.yaml   run up to and including one phase
+    darwinlm provision [model|text|all]       the example model and text into the cache dir
+
+Exit codes: 0 ok, 2 bad spec or usage (permanent), 3 store error (retriable), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import InfeasibleTargetError, SpecError, StoreError
+
+log = logging.getLogger("darwinlm")
+
+EXIT_OK, EXIT_ERROR, EXIT_PERMANENT, EXIT_RETRIABLE = 0, 1, 2, 3
+
+
+def _tqdm_progress(desc: str, total: int):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= bar.total:
+            bar.close()
+
+    return update
+
+
+def _load(args):
+    from .spec import load_spec, with_overrides
+
+    spec = load_spec(args.spec)
+    if getattr(args, "store", None):
+        spec = with_overrides(spec, store=args.store)
+    return spec
+
+
+def _cmd_validate(args) -> int:
+    spec = _load(args)
+    print(f"{args.spec}: valid (search {spec.name!r}, store {spec.store})")
+    return EXIT_OK
+
+
+def _cmd_schema(args) -> int:
+    from .spec import json_schema
+
+    print(json.dumps(json_schema(openapi=args.openapi), indent=1))
+    return EXIT_OK
+
+
+def _cmd_plan(args) -> int:
+    from .plan import next_tasks, progress
+    from .workspace import Workspace
+
+    spec = _load(args)
+    ws = Workspace(spec)
+    todo = next_tasks(spec, ws.store)
+    print(json.dumps({"store": ws.store.uri, "next": [t.name for t in todo], **progress(spec, ws.store)}, indent=1))
+    return EXIT_OK
+
+
+def _cmd_run(args) -> int:
+    from .runner import run_search
+
+    spec = _load(args)
+    ws = run_search(spec, progress=_tqdm_progress)
+    print(f"done: {ws.store.uri}/result (report.md, fitness.png, config.json, model/)")
+    return EXIT_OK
+
+
+def _cmd_phase(args) -> int:
+    from .runner import run_phase
+
+    spec = _load(args)
+    kind = {"search": "generation"}.get(args.command, args.command)
+    ws = run_phase(spec, kind, progress=_tqdm_progress)
+    print(f"{args.command}: done ({ws.store.uri})")
+    return EXIT_OK
+
+
+def _cmd_provision(args) -> int:
+    from . import provision
+
+    argv = [args.what] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+    argv += ["--debian-docs"] if args.debian_docs else []
+    argv += ["--force"] if args.force else []
+    return provision.main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="darwinlm", description="DarwinLM evolutionary structured pruning")
+    p.add_argument("--log-level", default=os.environ.get("DARWINLM_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_spec(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("spec", help="spec YAML/JSON (a bare spec or a PruningSearch manifest)")
+        sp.add_argument("--store", help="override the spec's store URI (file://DIR or s3://bucket/prefix)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_spec("run", _cmd_run, "run everything (resumes when re-run)")
+    with_spec("validate", _cmd_validate, "validate a spec")
+    with_spec("plan", _cmd_plan, "print the next tasks")
+    for phase in ("database", "search", "posttrain", "export", "evaluate"):
+        with_spec(phase, _cmd_phase, f"run up to and including the {phase} phase")
+    sp = sub.add_parser("schema", help="print the spec JSON Schema")
+    sp.add_argument("--openapi", action="store_true", help="the Kubernetes structural-schema variant")
+    sp.set_defaults(fn=_cmd_schema)
+    sp = sub.add_parser("provision", help="provision the example model and text into the cache dir")
+    sp.add_argument("what", nargs="?", default="all", choices=["model", "text", "all"])
+    sp.add_argument("--cache-dir")
+    sp.add_argument("--debian-docs", action="store_true")
+    sp.add_argument("--force", action="store_true")
+    sp.set_defaults(fn=_cmd_provision)
+    return p
+
+
+def _quiet_libraries() -> None:
+    """Our own bars only: the libraries' per-file bars would drown them."""
+    import importlib.util
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if importlib.util.find_spec("datasets"):
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    if importlib.util.find_spec("transformers"):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # hubs are unreachable on many machines; set HF_HUB_OFFLINE=0 to allow downloads
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_libraries()
+    try:
+        return args.fn(args)
+    except (SpecError, InfeasibleTargetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except StoreError as e:
+        print(f"store error: {e}", file=sys.stderr)
+        return EXIT_RETRIABLE
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

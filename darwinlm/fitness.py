@@ -1,0 +1,106 @@
+"""Fitness functions (ALGORITHM.md §3.6) and the dense-teacher cache. Lower is better for all.
+
+Why this module exists: selection compares candidates on the *same* minibatch against the *dense*
+model's outputs. The dense outputs are computed once per chunk with the resident base model and kept in a
+bounded LRU cache (full log-probs in fp16, or only the top-k for ``topk_kl``), so a stage evaluating N
+candidates runs the teacher once, not N times.
+
+- ``kl``: forward KL(dense ‖ candidate) per position, last position dropped, token-weighted mean.
+- ``topk_kl``: the teacher's top-k entries, both distributions renormalised over them (k ≥ 512 matches
+  full KL in rank per EvoPress).
+- ``ppl``: exp(mean next-token NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .runtime import autocast
+
+__all__ = ["TeacherCache", "fitness", "kl_to_teacher", "perplexity"]
+
+
+class TeacherCache:
+    """Dense log-probs per chunk (positions 0..T-2), bounded by bytes. Keyed by the chunk's content."""
+
+    def __init__(self, model, compute_dtype: str, *, kind: str = "kl", topk: int = 512,
+                 max_bytes: int = 2 << 30):
+        self.model, self.compute_dtype, self.kind, self.topk = model, compute_dtype, kind, topk
+        self.device = next(model.parameters()).device
+        self.max_bytes = max_bytes
+        self._lru: OrderedDict[bytes, tuple] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _key(chunk: torch.Tensor) -> bytes:
+        return chunk.numpy().tobytes()
+
+    @torch.no_grad()
+    def get(self, chunk: torch.Tensor):
+        key = self._key(chunk)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        with autocast(self.device, self.compute_dtype):
+            logits = self.model(input_ids=chunk.view(1, -1).to(self.device), use_cache=False).logits[0, :-1]
+        logp = F.log_softmax(logits.float(), dim=-1)  # [T-1, V]
+        if self.kind == "topk_kl":
+            vals, idx = logp.topk(min(self.topk, logp.shape[-1]), dim=-1)  # [T-1, k]
+            item = (vals.to(torch.float16), idx.to(torch.int32))
+        else:
+            item = (logp.to(torch.float16),)
+        size = sum(t.numel() * t.element_size() for t in item)
+        self._lru[key] = item
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self._bytes -= sum(t.numel() * t.element_size() for t in old)
+        return item
+
+
+def _student_logits(model, chunk, compute_dtype):
+    device = next(model.parameters()).device
+    with autocast(device, compute_dtype):
+        return model(input_ids=chunk.view(1, -1).to(device), use_cache=False).logits[0, :-1].float()  # [T-1, V]
+
+
+@torch.no_grad()
+def kl_to_teacher(model, chunks, teacher: TeacherCache, compute_dtype: str) -> float:
+    """Token-weighted mean KL(teacher ‖ model) over the chunks (full or top-k by the cache's kind)."""
+    total, n = 0.0, 0
+    for c in chunks:
+        s_logits = _student_logits(model, c, compute_dtype)
+        t = teacher.get(c)
+        if teacher.kind == "topk_kl":
+            t_vals, t_idx = t[0].float().to(s_logits.device), t[1].long().to(s_logits.device)
+            t_logp = F.log_softmax(t_vals, dim=-1)  # renormalised over top-k
+            s_logp = F.log_softmax(s_logits.gather(-1, t_idx), dim=-1)
+        else:
+            t_logp = t[0].float().to(s_logits.device)  # [T-1, V]
+            s_logp = F.log_softmax(s_logits, dim=-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # [T-1]
+        total += float(kl.sum())
+        n += kl.numel()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def perplexity(model, chunks, compute_dtype: str) -> float:
+    """exp(mean next-token NLL) over the chunks."""
+    total, n = 0.0, 0
+    for c in chunks:
+        logits = _student_logits(model, c, compute_dtype)
+        target = c[1:].to(logits.device)
+        total += float(F.cross_entropy(logits, target, reduction="sum"))
+        n += target.numel()
+    return math.exp(total / max(n, 1))
+
+
+def fitness(kind: str, model, chunks, teacher: TeacherCache | None, compute_dtype: str) -> float:
+    if kind == "ppl":
+        return perplexity(model, chunks, compute_dtype)
+    return kl_to_teacher(model, chunks, teacher, compute_dtype)

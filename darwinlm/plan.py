@@ -1,0 +1,99 @@
+"""The plan: a pure function from (spec, store state) to the tasks that can run now.
+
+Why this module exists: the embedded runner and the Kubernetes operator drive the same work the same
+way. Neither keeps state in memory: both call ``next_tasks`` again after anything happens (a task
+finishing, a crash, an operator restart) and get the remaining work. It only checks completion markers
+in the search's store, so it needs neither torch nor the model (the operator imports it).
+
+Order: ``database`` shards (parallel) → ``generation`` g = 0..G-1 (sequential) → ``posttrain`` of the
+searched model and of each trained baseline (parallel) → ``export`` → ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Task", "done_key", "next_tasks", "all_tasks", "progress"]
+
+KINDS = ("database", "generation", "posttrain", "export", "evaluate")
+
+
+@dataclass(frozen=True, order=True)
+class Task:
+    kind: str
+    index: int = 0
+    count: int = 1
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        """A DNS-1123-friendly name, stable across runs (used for Kubernetes Job names)."""
+        if self.kind == "database":
+            return f"database-{self.index}-of-{self.count}"
+        if self.kind == "generation":
+            return f"generation-{self.index}"
+        if self.kind == "posttrain":
+            return f"posttrain-{self.variant}"
+        return self.kind
+
+    @classmethod
+    def parse(cls, name: str) -> "Task":
+        parts = name.split("-")
+        if parts[0] == "database" and len(parts) == 4 and parts[2] == "of":
+            return cls("database", int(parts[1]), int(parts[3]))
+        if parts[0] == "generation" and len(parts) == 2:
+            return cls("generation", int(parts[1]))
+        if parts[0] == "posttrain" and len(parts) == 2:
+            return cls("posttrain", variant=parts[1])
+        if name in ("export", "evaluate"):
+            return cls(name)
+        raise ValueError(f"not a task name: {name!r}")
+
+
+def done_key(task: Task) -> str:
+    """The marker (relative to the search's store) whose existence means the task is complete."""
+    if task.kind == "database":
+        return f"database/shard-{task.index}-of-{task.count}.json"
+    if task.kind == "generation":
+        return f"generations/{task.index:05d}/state.json"
+    if task.kind == "posttrain":
+        return f"posttrain/{task.variant}/done.json"
+    if task.kind == "export":
+        return "result/export.json"
+    if task.kind == "evaluate":
+        return "result/summary.json"
+    raise ValueError(task.kind)
+
+
+def posttrain_variants(spec) -> list[str]:
+    if not spec.posttrain.enabled:
+        return []
+    return ["searched"] + (["uniform"] if "uniform" in spec.evaluation.baselines else [])
+
+
+def all_tasks(spec) -> list[list[Task]]:
+    """Every task, as phases; tasks inside a phase may run in parallel."""
+    K = spec.database.shards
+    phases = [[Task("database", k, K) for k in range(K)]]
+    phases += [[Task("generation", g)] for g in range(spec.search.generations)]
+    pt = [Task("posttrain", variant=v) for v in posttrain_variants(spec)]
+    if pt:
+        phases.append(pt)
+    phases += [[Task("export")], [Task("evaluate")]]
+    return phases
+
+
+def next_tasks(spec, store) -> list[Task]:
+    """Tasks of the first unfinished phase that are not done; [] once everything is complete."""
+    for phase in all_tasks(spec):
+        todo = [t for t in phase if not store.exists(done_key(t))]
+        if todo:
+            return todo
+    return []
+
+
+def progress(spec, store) -> dict:
+    """Counts for status displays: generations done, total, and whether the search is complete."""
+    gens = sum(store.exists(done_key(Task("generation", g))) for g in range(spec.search.generations))
+    return {"generations_done": gens, "generations": spec.search.generations,
+            "complete": not next_tasks(spec, store)}
