@@ -19,3 +19,16 @@ def _register_model_type(_transformers_module) -> None:
 
 
 _wrapt.register_post_import_hook(_register_model_type, "transformers")
+
+# The public API. None of these imports torch: the operator may import the package.
+from .errors import ArtifactNotFound, DarwinLMError, InfeasibleTargetError, SpecError, StoreError  # noqa: E402
+from .plan import Task, next_tasks  # noqa: E402
+from .runner import run_search  # noqa: E402
+from .spec import PruningSearchSpec, load_spec, spec_to_dict, with_overrides  # noqa: E402
+from .store import open_store  # noqa: E402
+
+__all__ = [
+    "__version__", "ArtifactNotFound", "DarwinLMError", "InfeasibleTargetError", "SpecError", "StoreError",
+    "Task", "next_tasks", "run_search", "PruningSearchSpec", "load_spec", "spec_to_dict", "with_overrides",
+    "open_store",
+]

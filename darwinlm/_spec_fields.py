@@ -241,6 +241,8 @@ def from_mapping(cls: type, data: Mapping, path: str, errors: Problems,
         p = join(path, name)
         if name in data:
             v = convert(data[name], hints[name], p, errors)
+            if v is INVALID and _is_enum(hints[name]) and f.default is not MISSING:
+                v = f.default  # error recorded; keep building so the cross-field rules report too
             blocked |= v is INVALID
             check_bounds(f, v, p, errors)
             kwargs[name] = v
@@ -258,6 +260,10 @@ def from_mapping(cls: type, data: Mapping, path: str, errors: Problems,
         return INVALID
     errors.extend((join(path, rel), msg) for rel, msg in node._problems())
     return node
+
+
+def _is_enum(hint: Any) -> bool:
+    return typing.get_origin(strip_optional(hint)[0]) is typing.Literal
 
 
 def check_tree(node: Any, path: str, errors: Problems) -> bool:

@@ -56,6 +56,11 @@ def _cmd_validate(args) -> int:
 def _cmd_schema(args) -> int:
     from .spec import json_schema
 
+    if args.markdown:
+        from ._spec_docs import spec_reference_markdown
+
+        print(spec_reference_markdown())
+        return EXIT_OK
     print(json.dumps(json_schema(openapi=args.openapi), indent=1))
     return EXIT_OK
 
@@ -118,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         with_spec(phase, _cmd_phase, f"run up to and including the {phase} phase")
     sp = sub.add_parser("schema", help="print the spec JSON Schema")
     sp.add_argument("--openapi", action="store_true", help="the Kubernetes structural-schema variant")
+    sp.add_argument("--markdown", action="store_true", help="the spec reference table (as in the README)")
     sp.set_defaults(fn=_cmd_schema)
     sp = sub.add_parser("provision", help="provision the example model and text into the cache dir")
     sp.add_argument("what", nargs="?", default="all", choices=["model", "text", "all"])

@@ -27,12 +27,26 @@ def config_text(genome) -> str:
     return "".join(f"{name}: {level}\n" for name, level in genome.to_dict().items())
 
 
+def target_params(ws) -> int:
+    """Non-embedding parameters the spec's target asks for: dense minus the target share of the prunable
+    (query/output head and MLP channel) parameters. KV heads dropped because all their query heads are
+    gone (see modeling.py) come on top, so a result can be slightly smaller."""
+    from .genome import prunable_params, removed_params
+
+    dense = adapter_for(ws.model).nonembedding_param_count(ws.model)
+    t = ws.spec.search.target
+    if t.fraction is not None:
+        return dense - round(t.fraction * prunable_params(ws.space))
+    return dense - removed_params(ws.space, ws.uniform_genome())
+
+
 def export_model(ws, model, genome) -> dict:
     """Write ``result/model/`` (HF dir), ``result/config.json`` and ``result/config.txt``."""
     spec = ws.spec
     model = model.to(torch_dtype(spec.export.dtype))
     params = adapter_for(model).nonembedding_param_count(model)
     dense = adapter_for(ws.model).nonembedding_param_count(ws.model)
+    target = target_params(ws)
     provenance = {
         "darwinlm_version": __version__,
         "seed": spec.seed,
@@ -40,6 +54,7 @@ def export_model(ws, model, genome) -> dict:
         "configuration": genome.to_dict(),
         "nonembedding_params": params,
         "dense_nonembedding_params": dense,
+        "target_nonembedding_params": target,
         "database": ws.db_key,
     }
     with tempfile.TemporaryDirectory(prefix="darwinlm-export-") as tmp:
@@ -54,5 +69,5 @@ def export_model(ws, model, genome) -> dict:
     ws.store.put_bytes("result/config.txt", config_text(genome).encode())
     log.info("exported %d non-embedding parameters (%.1f%% of dense) to %s/result/model", params,
              100.0 * params / dense, ws.store.uri)
-    return {"nonembedding_params": params, "dense_nonembedding_params": dense,
+    return {"nonembedding_params": params, "dense_nonembedding_params": dense, "target_nonembedding_params": target,
             "model_uri": f"{ws.store.uri}/result/model"}

@@ -125,7 +125,9 @@ def _markdown(ws, rows, curve, genome) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['stage']} | {r['nonembedding_params']:,} | "
                      f"{100 * r['nonembedding_params'] / dense['nonembedding_params']:.1f} | {r['ppl']:.2f} | {r['kl']:.4f} |")
-    lines += ["", f"Held-out tokens: {dense['tokens']:,}. Uniform = every layer at (nearly) the same level, "
+    from .export import target_params
+
+    lines += ["", f"Target: {target_params(ws):,} non-embedding parameters. Held-out tokens: {dense['tokens']:,}. Uniform = every layer at (nearly) the same level, "
               "the same level sums as the search.", "", "![fitness](fitness.png)", "", "## Search", "",
               "| generation | survivor fitness | parent kept |", "|---:|---:|---|"]
     lines += [f"| {c['generation']} | {c['best_fitness']:.5f} | {c['parent_survived']} |" for c in curve]

@@ -90,6 +90,7 @@ class CandidateBuilder:
     def masked(self, genome: Genome):
         """Dense-shaped model with zeros in removed columns, plus the mask that keeps them zero."""
         model = mask_model(self.base, self.plan(genome))
+        model.requires_grad_(True)  # the base is frozen; the candidate trains
         masks = {}
         for i in range(self.ad.num_layers):
             o, d = self.ad.o_proj(model, i), self.ad.down_proj(model, i)

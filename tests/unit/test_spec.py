@@ -255,12 +255,15 @@ def test_many_errors_reported_together():
         "search.bogus", "search.target", "search.selection[0].finetune_tokens",
         "posttrain.distill", "search.selection[0].survivors"]  # cross-section rules come last
     assert "10 error(s)" in str(info.value) and "search.bogus" in str(info.value)
-    # A value of the wrong type stops the rules across sections (they need typed values); the
-    # other problems are still all reported.
+    # A bad enum value does not stop the rules across sections: everything is reported at once.
     data["model"]["device"] = "tpu"
     paths = paths_of(data)
-    assert "model.device" in paths and "search.selection[0].survivors" not in paths
-    assert len(paths) == 10
+    assert "model.device" in paths and "search.selection[0].survivors" in paths
+    assert len(paths) == 11
+    # A value of the wrong type does stop them (they need typed values); the rest is still reported.
+    data["seed"] = "zero"
+    paths = paths_of(data)
+    assert "seed" in paths and "search.selection[0].survivors" not in paths
 
 
 def test_value_messages():

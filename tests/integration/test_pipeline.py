@@ -1,0 +1,160 @@
+"""The whole pipeline on the tiny model: artifacts, export fidelity, determinism, crash-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from darwinlm.runner import run_search
+from darwinlm.spec import load_spec
+from darwinlm.store import open_store
+
+from ..conftest import tiny_spec_dict
+
+
+def _spec(assets, tmp_path, name="store", **over):
+    return load_spec(tiny_spec_dict(assets, f"file://{tmp_path / name}", **over))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_assets, tmp_path_factory):
+    """One complete run, shared by the read-only checks below."""
+    tmp = tmp_path_factory.mktemp("run")
+    spec = _spec(tiny_assets, tmp, **{"search.generations": 4})
+    ws = run_search(spec)
+    return spec, ws
+
+
+def test_artifacts_written(finished):
+    spec, ws = finished
+    for key in ("result/config.json", "result/config.txt", "result/report.md", "result/fitness.png",
+                "result/summary.json", "result/model/config.json", "result/model/model.safetensors",
+                "result/model/darwinlm.json", "spec.json"):
+        assert ws.store.exists(key), key
+    config = ws.store.get_json("result/config.json")
+    assert set(config) == set(ws.space.layers)
+    assert ws.store.get_bytes("result/fitness.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    report = ws.store.get_bytes("result/report.md").decode()
+    assert "| searched | post-trained |" in report and "| uniform | one-shot |" in report
+    # the search keeps the level budget of every group
+    genome = ws.final_genome()
+    assert genome.level_sums() == ws.uniform_genome().level_sums()
+
+
+def test_export_loads_with_stock_transformers_and_matches(finished, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from darwinlm.tasks import load_posttrained
+
+    spec, ws = finished
+    ws.store.get_dir("result/model", tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # no trust_remote_code
+    assert type(loaded).__name__ == "DarwinLlamaForCausalLM"
+    ref = load_posttrained(ws, "searched")
+    ids = torch.cat(list(ws.pools.heldout.chunks[:2]))[None, :64]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=0)
+    summary = ws.store.get_json("result/summary.json")
+    searched = [r for r in summary["rows"] if r["model"] == "searched"]
+    from darwinlm.adapter import adapter_for
+
+    assert all(r["nonembedding_params"] == adapter_for(loaded).nonembedding_param_count(loaded) for r in searched)
+
+
+def test_shrunk_equals_masked_one_shot(finished):
+    spec, ws = finished
+    genome = ws.final_genome()
+    shrunk = ws.builder.shrunk(genome)
+    masked, mask = ws.builder.masked(genome)
+    mask.remove()
+    ids = ws.pools.heldout.chunks[0][None, :]
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(input_ids=ids).logits, masked(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_same_seed_same_result_and_rerun_is_noop(finished, tiny_assets, tmp_path):
+    spec, ws = finished
+    again = run_search(_spec(tiny_assets, tmp_path, **{"search.generations": 4}))
+    assert again.store.get_json("result/config.json") == ws.store.get_json("result/config.json")
+    for g in range(4):
+        a = ws.store.get_json(f"generations/{g:05d}/state.json")
+        b = again.store.get_json(f"generations/{g:05d}/state.json")
+        assert [s["scores"] for s in a["stages"]] == [s["scores"] for s in b["stages"]]
+    before = sorted(again.store.list())
+    run_search(_spec(tiny_assets, tmp_path, **{"search.generations": 4}))  # complete: nothing to do
+    assert sorted(again.store.list()) == before
+
+
+def test_resume_mid_generation_reuses_results(finished, tiny_assets, tmp_path):
+    """A crash after some candidates of a generation were scored: the re-run reuses them."""
+    spec, ws = finished
+    s = _spec(tiny_assets, tmp_path, **{"search.generations": 4})
+    run_search(s, until=lambda t: t.kind == "generation" and t.index == 3)
+    # simulate the crash inside generation 2: drop its state and half of its candidate results
+    store = open_store(s.store).child("searches/tiny")
+    store.delete("generations/00002/state.json")
+    results = store.list("generations/00002/results")
+    for k in results[::2]:
+        store.delete(k)
+    run_search(s)
+    assert store.get_json("result/config.json") == ws.store.get_json("result/config.json")
+    assert store.get_json("generations/00002/state.json")["stages"] == \
+        ws.store.get_json("generations/00002/state.json")["stages"]
+
+
+def test_spec_change_is_refused(finished, tiny_assets, tmp_path):
+    from darwinlm.errors import SpecError
+
+    s = _spec(tiny_assets, tmp_path, **{"search.generations": 1})
+    run_search(s, until=lambda t: t.kind == "generation")
+    with pytest.raises(SpecError) as e:
+        run_search(_spec(tiny_assets, tmp_path, **{"search.generations": 1, "seed": 7}))
+    assert e.value.first_path == "seed"
+
+
+def test_kill_during_search_then_rerun_gives_identical_config(finished, tiny_assets, tmp_path):
+    """SIGKILL the real CLI while it is searching; running it again finishes with the same config."""
+    spec, ws = finished
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict(tiny_assets, f"file://{tmp_path / 'store'}",
+                                                  **{"search.generations": 4})))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "darwinlm.cli", "--log-level", "WARNING", "run", str(path)]
+    store = open_store(f"file://{tmp_path / 'store'}").child("searches/tiny")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not store.exists("generations/00001/state.json"):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not store.exists("result/config.json"), "killed too late to test a resume"
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert store.get_json("result/config.json") == ws.store.get_json("result/config.json")
+
+
+def test_cli_validate_reports_every_field(tmp_path, tiny_assets):
+    bad = tiny_spec_dict(tiny_assets, "file:///tmp/x")
+    bad["search"]["selection"][1]["survivors"] = 3
+    bad["search"]["fitness"]["kind"] = "klx"
+    bad["model"]["dtipe"] = "float32"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    out = subprocess.run([sys.executable, "-m", "darwinlm.cli", "validate", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    for field in ("search.selection[1].survivors", "search.fitness.kind", "model.dtipe"):
+        assert field in out.stderr, out.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(tiny_spec_dict(tiny_assets, "file:///tmp/x")))
+    assert subprocess.run([sys.executable, "-m", "darwinlm.cli", "validate", str(good)]).returncode == 0
+    schema = subprocess.run([sys.executable, "-m", "darwinlm.cli", "schema"], capture_output=True, text=True)
+    assert json.loads(schema.stdout)["properties"]["search"]["type"] == "object"
