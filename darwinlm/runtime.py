@@ -44,6 +44,8 @@ def load_model(model_spec, *, with_tokenizer: bool = True):
     from . import modeling
 
     modeling.register()
+    if model_spec.threads is not None:
+        torch.set_num_threads(model_spec.threads)
     path = os.path.expanduser(model_spec.path)
     kwargs = dict(revision=model_spec.revision, trust_remote_code=False)
     try:

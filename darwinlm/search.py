@@ -111,6 +111,9 @@ class Evaluator:
         mask = None
         if ft.mode == "mask":
             model, mask = self.builder.masked(genome)
+        elif ft.mode == "unmasked":  # the reference's behaviour: removed columns may revive
+            model, unused = self.builder.masked(genome)
+            unused.remove()
         else:
             model = self.builder.shrunk(genome)
         try:

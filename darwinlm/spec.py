@@ -62,6 +62,9 @@ class ModelSpec(SpecNode):
     """Autocast dtype of forward and backward passes (activations); weights stay in `dtype`."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run: auto = cuda when available, else cpu."""
+    threads: int | None = setting(None, ge=1)
+    """CPU threads per worker for torch (null = torch's default). Fix it for bit-identical results
+    across different worker counts: float reductions depend on the thread count."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,9 +216,16 @@ class FinetuneSpec(SpecNode):
     """AdamW (beta1, beta2); beta1 is SGD's momentum."""
     batch_size: int = setting(1, ge=1)
     """Documents per optimiser step (paper: 1, variable length)."""
-    mode: Literal["shrink", "mask"] = "shrink"
+    mode: Literal["shrink", "mask", "unmasked"] = "shrink"
     """shrink = physically remove pruned heads/channels before fine-tuning (faster, faithful);
-    mask = keep dense shapes and mask gradients so pruned structures stay exactly zero."""
+    mask = keep dense shapes and mask gradients so pruned structures stay exactly zero;
+    unmasked = the reference code's behaviour (zeroed columns receive updates and revive), for
+    ablations only."""
+    warm_start: bool = False
+    """false = every stage fine-tunes each candidate from its pruned weights on that stage's tokens
+    (the reference). true = incremental: a survivor continues from its previous stage's fine-tuned
+    weights and trains only on the new tokens (finetune_tokens of this stage minus the previous
+    stage's), so the model scored has seen the same token count for less compute."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
