@@ -1,0 +1,82 @@
+"""Shared plumbing of the job entrypoints: parse, load the spec, run one task, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from darwinlm.errors import InfeasibleTargetError, SpecError, StoreError
+
+from . import EXIT_OK, EXIT_PERMANENT, EXIT_RETRIABLE
+
+log = logging.getLogger("darwinlm_jobs")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--spec", help="spec file (YAML/JSON); default: the DARWINLM_SPEC environment variable (JSON)")
+    p.add_argument("--uid", default=os.environ.get("DARWINLM_SEARCH_UID"),
+                   help="search uid (store prefix searches/<name>-<uid>); default: DARWINLM_SEARCH_UID")
+    p.add_argument("--log-level", default=os.environ.get("DARWINLM_LOG_LEVEL", "INFO"))
+    return p
+
+
+def load(args):
+    from darwinlm.spec import load_spec
+
+    if args.spec:
+        return load_spec(args.spec, extra_allowed=_k8s_fields())
+    raw = os.environ.get("DARWINLM_SPEC")
+    if not raw:
+        raise SpecError([("", "no spec: pass --spec FILE or set DARWINLM_SPEC")])
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SpecError([("", f"DARWINLM_SPEC is not JSON: {e}")]) from e
+    return load_spec(data, extra_allowed=_k8s_fields())
+
+
+def _k8s_fields() -> frozenset[str]:
+    """Top-level keys of a PruningSearch spec that only the operator reads (image, resources, ...)."""
+    raw = os.environ.get("DARWINLM_EXTRA_FIELDS", "")
+    return frozenset(f for f in raw.split(",") if f) | _KUBERNETES_FIELDS
+
+
+_KUBERNETES_FIELDS = frozenset({
+    "image", "imagePullPolicy", "workers", "resources", "podTemplate", "s3", "suspend",
+    "activeDeadlineSeconds", "backoffLimit", "podStartTimeoutSeconds", "ttlSecondsAfterFinished",
+    "artifactRetention", "queueName",
+})
+
+
+def run(task, args) -> int:
+    """Run ``task`` (a darwinlm.plan.Task) with the parsed ``args``; returns the exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        spec = load(args)
+        from darwinlm.tasks import run_task
+        from darwinlm.workspace import Workspace
+
+        shard = None
+        if task.kind == "generation":
+            from darwinlm.distributed import DistributedShard, init_from_env
+
+            world = init_from_env()
+            shard = DistributedShard(world) if world is not None else None
+        ws = Workspace(spec, uid=args.uid)
+        log.info("task %s of search %s (store %s)", task.name, spec.name, ws.store.uri)
+        run_task(ws, task, shard=shard)
+        return EXIT_OK
+    except (SpecError, InfeasibleTargetError) as e:
+        print(f"permanent error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT
+    except StoreError as e:
+        print(f"retriable store error: {e}", file=sys.stderr)
+        return EXIT_RETRIABLE
+    except (ConnectionError, TimeoutError) as e:
+        print(f"retriable error: {e}", file=sys.stderr)
+        return EXIT_RETRIABLE

@@ -1,0 +1,19 @@
+"""The evaluate task of a search.
+
+    python -m darwinlm_jobs.evaluate [--spec FILE] [--uid UID]
+"""
+
+import sys
+
+from darwinlm.plan import Task
+
+from ._common import parser, run
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__).parse_args(argv)
+    return run(Task("evaluate"), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
