@@ -16,6 +16,8 @@ PYTHON="${PYTHON:-python3}"
 missing=()
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v npm >/dev/null || missing+=(npm)
+# promtool/prometheus: the tests check alert rules, dashboards and metric names with the real tools.
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
         echo "setup: installing ${missing[*]} with apt-get"
