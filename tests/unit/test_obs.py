@@ -89,3 +89,80 @@ def test_lazy_batch_columns_match_reference(block):
     for k in bounds:
         torch.testing.assert_close(fast.snapshots[k], ref.snapshots[k], atol=1e-9, rtol=1e-7)
     assert fast.errors == pytest.approx(ref.errors, rel=1e-8)
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shrinking_groups_match_reference(group_size, seed):
+    from darwinlm.obs import obs_prune_groups, obs_prune_reference
+
+    n = 7
+    W, H = _problem(5, n * group_size, seed)
+    bounds = [1, 3, 6]
+    ref = obs_prune_reference(W, H, group_size=group_size, boundaries=bounds, damping=0.01)
+    fast = obs_prune_groups(W, H, group_size=group_size, boundaries=bounds, damping=0.01)
+    assert fast.order == ref.order
+    for k in bounds:
+        torch.testing.assert_close(fast.snapshot(k), ref.snapshots[k], atol=1e-9, rtol=1e-7)
+    assert fast.errors == pytest.approx(ref.errors, rel=1e-8)
+
+
+def test_lazy_columns_flush_on_a_boundary():
+    from darwinlm.obs import obs_prune_columns, obs_prune_reference
+
+    W, H = _problem(6, 30, 7)
+    bounds = [4, 8, 9, 20, 24]  # 4, 8, 20, 24 coincide with full blocks of 4
+    ref = obs_prune_reference(W, H, group_size=1, boundaries=bounds, damping=0.01)
+    fast = obs_prune_columns(W, H, boundaries=bounds, damping=0.01, block=4)
+    assert fast.order == ref.order
+    for k in bounds:
+        torch.testing.assert_close(fast.snapshot(k), ref.snapshots[k], atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_kept_columns_contract(group_size):
+    from darwinlm.obs import ObsResult, kept_columns
+
+    W, H = _problem(4, 6 * group_size, 8)
+    res = obs_prune(W, H, group_size=group_size, boundaries=[2, 5], damping=0.01)
+    for k in (2, 5):
+        cols = res.kept_columns(k)
+        removed = {c for g in res.order[:k] for c in range(g * group_size, (g + 1) * group_size)}
+        assert cols.tolist() == [c for c in range(6 * group_size) if c not in removed]
+        assert res.kept[k].shape == (4, (6 - k) * group_size)
+        dense = res.snapshot(k)
+        assert torch.equal(dense[:, cols], res.kept[k])
+        assert torch.count_nonzero(dense[:, sorted(removed)]) == 0
+        assert torch.equal(kept_columns(res.order[:k], 6 * group_size, group_size), cols)
+    again = ObsResult.from_dense(res.order, res.snapshots, res.errors, group_size)
+    assert all(torch.equal(again.kept[k], res.kept[k]) for k in (2, 5))
+
+
+def test_block_factors_fall_back_to_pinv():
+    from darwinlm.obs import _block_factors
+
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    spd = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    P = spd @ spd.T + torch.eye(6, dtype=torch.float64)
+    P[3:, 3:] = A @ A.T  # a rank-2 (singular) 3×3 diagonal block: Cholesky fails
+    F = _block_factors(P, 3)
+    torch.testing.assert_close(F[0].T @ F[0], torch.linalg.inv(P[:3, :3]))
+    torch.testing.assert_close(F[1].T @ F[1], torch.linalg.pinv(P[3:, 3:], hermitian=True), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_reference_faithful_baseline_takes_the_same_path(group_size):
+    """bench.baselines.obs_faithful (the reference code's loop) and obs_prune agree: the bench compares
+    the same computation."""
+    from bench.baselines import obs_faithful
+
+    n = 12
+    W, H = _problem(8, n * group_size, 10)
+    bounds = [2, 5, 11]
+    base = obs_faithful(W, H, group_size, bounds, 0.01)
+    ours = obs_prune(W, H, group_size=group_size, boundaries=bounds, damping=0.01, block=4)
+    assert ours.order == base.order
+    for k in bounds:
+        torch.testing.assert_close(ours.snapshot(k), base.snapshot(k), atol=1e-9, rtol=1e-7)
+    assert ours.errors == pytest.approx(base.errors, rel=1e-8)
