@@ -6,8 +6,11 @@
     darwinlm plan SPEC.yaml                   the tasks that would run next
     darwinlm database|search|posttrain|export|evaluate SPEC.yaml   run up to and including one phase
     darwinlm provision [model|text|all]       the example model and text into the cache dir
+    darwinlm task SPEC.yaml TASK [TASK...]    exactly the named plan task(s) (a Kubernetes Job's command);
+                                              torch.distributed from env (WORLD_SIZE, RANK...) when W > 1
 
-Exit codes: 0 ok, 2 bad spec or usage (permanent), 3 store error (retriable), 1 anything else.
+Exit codes: 0 ok, 2 bad spec or usage (permanent), 3 store error or lost distributed peer (retriable),
+1 anything else.
 """
 
 from __future__ import annotations
@@ -95,6 +98,111 @@ def _cmd_phase(args) -> int:
     return EXIT_OK
 
 
+def _plan_tasks(spec, names: list[str]):
+    """The named tasks of ``spec``'s plan, or an error message."""
+    from .plan import Task, all_tasks
+
+    phases = all_tasks(spec)
+    tasks = []
+    for name in names:
+        try:
+            task = Task.parse(name)
+        except ValueError as e:
+            return str(e)
+        if not any(task in phase for phase in phases):
+            every = [t.name for phase in phases for t in phase]
+            return f"{name!r} is not a task of this spec's plan ({every[0]} ... {every[-1]})"
+        tasks.append(task)
+    return tasks
+
+
+def _not_ready(spec, store, todo) -> str | None:
+    """Why ``todo`` cannot run in order (an earlier phase is incomplete), or None."""
+    from .plan import all_tasks, done_key
+
+    phases = all_tasks(spec)
+    for n, task in enumerate(todo):
+        first = next(i for i, phase in enumerate(phases) if task in phase)
+        pending = [t.name for phase in phases[:first] for t in phase
+                   if t not in todo[:n] and not store.exists(done_key(t))]
+        if pending:
+            return f"{task.name} cannot run yet: {', '.join(pending)} not complete"
+    return None
+
+
+def _cmd_task(args) -> int:
+    """Run the named tasks of the plan, in order; with WORLD_SIZE > 1 as one rank of a process group.
+
+    Complete tasks return at once, before any rendezvous (a lone restarted rank must not wait for peers
+    that are gone). A task whose earlier phases are incomplete is a usage error (exit 2)."""
+    return run_tasks(_load(args), args.tasks, uid=getattr(args, "uid", None))
+
+
+def run_tasks(spec, names: list[str], *, uid: str | None = None) -> int:
+    """Run the named plan tasks of ``spec`` (store prefix ``searches/<name>[-<uid>]``); an exit code.
+
+    This is also what the Kubernetes job entrypoints (``darwinlm_jobs``) call."""
+    from .distributed import PeerFailure, WorldConfigError, world_env
+    from .plan import done_key
+    from .workspace import Workspace
+
+    tasks = _plan_tasks(spec, names)
+    ws = Workspace(spec, uid=uid)
+    if isinstance(tasks, list):
+        todo = [t for t in tasks if not ws.store.exists(done_key(t))]
+        if not todo:
+            print(json.dumps({"tasks": names, "store": ws.store.uri, "status": "complete"}))
+            return EXIT_OK
+    problem = tasks if isinstance(tasks, str) else _not_ready(spec, ws.store, todo)
+    try:
+        if problem is None and world_env() is not None and any(t.kind != "generation" for t in todo):
+            problem = "only generation tasks run on several workers (WORLD_SIZE > 1)"
+    except WorldConfigError as e:
+        problem = str(e)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_PERMANENT
+    try:
+        rank, size = _run_ranked(spec, ws, tasks, todo)
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PERMANENT if e.permanent else EXIT_RETRIABLE
+    print(json.dumps({"tasks": names, "store": ws.store.uri, "status": "done", "rank": rank,
+                      "world_size": size}))
+    return EXIT_OK
+
+
+def _run_ranked(spec, ws, tasks, todo) -> tuple[int, int]:
+    """Join the process group the environment describes (if any) and run ``tasks``; (rank, world size)."""
+    from .distributed import DistributedShard, PeerFailure, init_from_env
+    from .runtime import resolve_device
+    from .tasks import no_progress, run_task
+
+    try:
+        world = init_from_env(device=resolve_device(spec.model.device))
+    except RuntimeError as e:  # rendezvous timed out or failed: the peers may come later
+        raise PeerFailure(f"cannot join the process group: {e}") from e
+    if world is None:
+        for task in tasks:
+            run_task(ws, task, progress=_tqdm_progress)
+        return 0, 1
+    if spec.model.threads is None:
+        log.warning("model.threads is not set: with several workers, fitness values (and the search) are "
+                    "reproducible only when every worker uses the same torch thread count")
+    shard = DistributedShard(world)
+    try:
+        if world.is_writer:  # rank 0 writes the shared files first; the others only read them
+            ws.record_spec()
+            ws.parent_for(todo[0].index)
+        shard.barrier()
+        for task in tasks:
+            log.info("task %s (rank %d/%d)", task.name, world.rank, world.world_size)
+            run_task(ws, task, progress=_tqdm_progress if world.is_writer else no_progress, shard=shard)
+    finally:
+        world.close()
+    return world.rank, world.world_size
+
+
 def _cmd_provision(args) -> int:
     from . import provision
 
@@ -121,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_spec("plan", _cmd_plan, "print the next tasks")
     for phase in ("database", "search", "posttrain", "export", "evaluate"):
         with_spec(phase, _cmd_phase, f"run up to and including the {phase} phase")
+    sp = with_spec("task", _cmd_task, "run exactly the named plan task(s), e.g. generation-3 (Kubernetes Jobs); "
+                                      "one rank of a process group when WORLD_SIZE > 1")
+    sp.add_argument("tasks", nargs="+", metavar="TASK",
+                    help="task name(s) as `darwinlm plan` prints them: database-K-of-N, generation-G, "
+                         "posttrain-VARIANT, export, evaluate; several run in order in one process")
+    sp.add_argument("--uid", help="search uid: the store prefix becomes searches/<name>-<uid> (Kubernetes)")
     sp = sub.add_parser("schema", help="print the spec JSON Schema")
     sp.add_argument("--openapi", action="store_true", help="the Kubernetes structural-schema variant")
     sp.add_argument("--markdown", action="store_true", help="the spec reference table (as in the README)")

@@ -26,7 +26,10 @@ def no_progress(_desc: str, _total: int) -> Callable[[int], None]:
 
 
 def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) -> dict:
-    """Run ``task`` unless it is complete; return its marker's content."""
+    """Run ``task`` unless it is complete; return its marker's content.
+
+    ``shard`` (``distributed.DistributedShard``, generation tasks) splits the candidate evaluations over
+    the ranks of a process group; only the rank whose ``shard.is_writer`` is true writes the marker."""
     key = done_key(task)
     if ws.store.exists(key):
         return ws.store.get_json(key)
@@ -38,6 +41,10 @@ def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) ->
     out.setdefault("seconds", round(time.time() - t0, 3))
     if shard is None or getattr(shard, "is_writer", True):
         ws.store.put_json(key, out)
+    if getattr(shard, "barrier", None) is not None:
+        # distributed: no rank returns before rank 0 wrote the marker, so a process that runs several
+        # tasks (or its caller) may read this task's outputs next
+        shard.barrier()
     return out
 
 

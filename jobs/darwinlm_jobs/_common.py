@@ -10,7 +10,7 @@ import sys
 
 from darwinlm.errors import InfeasibleTargetError, SpecError, StoreError
 
-from . import EXIT_OK, EXIT_PERMANENT, EXIT_RETRIABLE
+from . import EXIT_PERMANENT, EXIT_RETRIABLE
 
 log = logging.getLogger("darwinlm_jobs")
 
@@ -53,24 +53,19 @@ _KUBERNETES_FIELDS = frozenset({
 
 
 def run(task, args) -> int:
-    """Run ``task`` (a darwinlm.plan.Task) with the parsed ``args``; returns the exit code."""
+    """Run ``task`` (a darwinlm.plan.Task) with the parsed ``args``; returns the exit code.
+
+    The work is ``darwinlm.cli.run_tasks``: the same code as ``darwinlm task``, including joining the
+    torch.distributed process group for generation tasks when WORLD_SIZE > 1 (after checking the task is
+    not already complete, so a lone restarted rank never waits for peers that are gone)."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         spec = load(args)
-        from darwinlm.tasks import run_task
-        from darwinlm.workspace import Workspace
+        from darwinlm.cli import run_tasks
 
-        shard = None
-        if task.kind == "generation":
-            from darwinlm.distributed import DistributedShard, init_from_env
-
-            world = init_from_env()
-            shard = DistributedShard(world) if world is not None else None
-        ws = Workspace(spec, uid=args.uid)
-        log.info("task %s of search %s (store %s)", task.name, spec.name, ws.store.uri)
-        run_task(ws, task, shard=shard)
-        return EXIT_OK
+        log.info("task %s of search %s (uid %s)", task.name, spec.name, args.uid)
+        return run_tasks(spec, [task.name], uid=args.uid)
     except (SpecError, InfeasibleTargetError) as e:
         print(f"permanent error: {e}", file=sys.stderr)
         return EXIT_PERMANENT
