@@ -1,0 +1,153 @@
+"""handlers.reconcile_once: read -> decide -> apply against a fake API; the import stays torch-free."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+from darwinlm.plan import Task
+from darwinlm_operator import handlers
+from darwinlm_operator.creds import StoreView
+
+from . import FakeStore, at, job_status, make_cr, ts
+
+
+class FakeKube:
+    """The handful of calls ``handlers.Kube`` makes, over dicts; records every write."""
+
+    def __init__(self, cr: dict | None, jobs: list[dict] = ()):
+        self.cr = copy.deepcopy(cr)
+        self.jobs = {j["metadata"]["name"]: copy.deepcopy(j) for j in jobs}
+        self.services: dict[str, dict] = {}
+        self.writes: list[tuple] = []
+        self.core = object()
+
+    def get_search(self, ns, name):
+        return copy.deepcopy(self.cr)
+
+    def list_jobs(self, ns, name):
+        return [copy.deepcopy(j) for j in self.jobs.values()]
+
+    def list_pods(self, ns, uid):
+        self.writes.append(("list_pods",))
+        return []
+
+    def create(self, obj):
+        where = self.jobs if obj["kind"] == "Job" else self.services
+        self.writes.append(("create", obj["kind"], obj["metadata"]["name"]))
+        if obj["metadata"]["name"] in where:
+            return False
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["creationTimestamp"] = ts(at(0))  # as the API server does
+        where[obj["metadata"]["name"]] = obj
+        return True
+
+    def delete_job(self, ns, name):
+        self.writes.append(("delete", name))
+        self.jobs.pop(name, None)
+
+    def patch_status(self, ns, name, patch):
+        self.writes.append(("patch", patch))
+        status = self.cr.setdefault("status", {})
+        for k, v in patch["status"].items():
+            if v is None:
+                status.pop(k, None)
+            elif isinstance(v, dict) and isinstance(status.get(k), dict):
+                status[k] = {**status[k], **v}
+            else:
+                status[k] = v
+
+    def delete_search(self, ns, name):
+        self.writes.append(("delete_search", name))
+
+
+def _reconcile(kube, store, monkeypatch, t=0.0):
+    monkeypatch.setattr(handlers, "_store_view", lambda kube, cr, memo: store)
+    return handlers.reconcile_once(kube, "team-a", "tiny", {}, now=at(t))
+
+
+def test_first_reconcile_creates_a_job_and_writes_status(monkeypatch):
+    kube = FakeKube(make_cr())
+    cr, decision = _reconcile(kube, FakeStore(), monkeypatch)
+    assert list(kube.jobs) == ["tiny-database-0-of-1-a0"]
+    assert kube.cr["status"]["phase"] == "Running"
+    assert [w[0] for w in kube.writes] == ["create", "patch"]
+    # level-triggered and idempotent: a second pass writes nothing
+    kube.writes.clear()
+    _reconcile(kube, FakeStore(), monkeypatch, t=1)
+    assert kube.writes == []
+
+
+def test_a_finished_job_leads_to_the_next_one_and_pods_are_read_only_when_needed(monkeypatch):
+    kube = FakeKube(make_cr())
+    _reconcile(kube, FakeStore(), monkeypatch)
+    name = "tiny-database-0-of-1-a0"
+    kube.jobs[name] = job_status(kube.jobs[name], "Succeeded", start=0, end=5)
+    kube.writes.clear()
+    _reconcile(kube, FakeStore().done(Task("database", 0, 1)), monkeypatch, t=6)
+    assert ("create", "Job", "tiny-generation-0-a0") in kube.writes
+    assert ("list_pods",) not in kube.writes  # a succeeded Job needs no pods
+    assert kube.cr["status"]["attempts"][name]["outcome"] == "Succeeded"
+
+
+def test_gone_search_returns_none():
+    assert handlers.reconcile_once(FakeKube(None), "team-a", "tiny", {}) is None
+
+
+def test_suspend_deletes_and_ttl_deletes_the_search(monkeypatch):
+    kube = FakeKube(make_cr())
+    _reconcile(kube, FakeStore(), monkeypatch)
+    kube.cr["spec"]["suspend"] = True
+    kube.cr["metadata"]["generation"] = 2
+    _reconcile(kube, FakeStore(), monkeypatch, t=3)
+    assert ("delete", "tiny-database-0-of-1-a0") in kube.writes and kube.cr["status"]["phase"] == "Suspended"
+
+
+def test_store_view_caches_positive_answers_only(tmp_path):
+    from darwinlm.store import open_store
+
+    store = open_store(str(tmp_path))
+    memo: dict = {}
+    view = StoreView(store, memo)
+    assert not view.exists("a.json") and view.get_json("a.json") is None and memo == {}
+    store.put_json("a.json", {"x": 1})
+    assert view.exists("a.json") and view.get_json("a.json") == {"x": 1}
+    store.delete("a.json")
+    assert StoreView(store, memo).get_json("a.json") == {"x": 1}  # immutable markers: cached
+    assert view.list("") == []
+
+
+def test_the_operator_never_imports_torch():
+    code = ("import sys, darwinlm_operator.handlers, darwinlm_operator.__main__; "
+            "bad = [m for m in ('torch', 'transformers', 'datasets', 'darwinlm_jobs') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})
+
+
+def test_liveness_probe_fails_only_when_searches_go_unreconciled(monkeypatch):
+    import time
+
+    import pytest
+
+    class Loops:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    monkeypatch.setattr(handlers.HEALTH, "last_reconcile", time.monotonic() - 1000)
+    monkeypatch.setattr(handlers, "LOOPS", Loops(0))
+    assert handlers.probe()["searches"] == 0  # idle operator: healthy however long ago
+    monkeypatch.setattr(handlers, "LOOPS", Loops(2))
+    with pytest.raises(RuntimeError, match="no reconcile for"):
+        handlers.probe()
+    monkeypatch.setattr(handlers.HEALTH, "last_reconcile", time.monotonic())
+    assert handlers.probe()["searches"] == 2
+
+
+def test_deleting_search_reads_no_store():
+    cr = make_cr()
+    cr["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert handlers._store_view(None, cr, {}) is None
