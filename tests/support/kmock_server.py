@@ -497,6 +497,10 @@ def _to_jsonschema(s: Any) -> Any:
             continue
         else:
             out[k] = v
+    for bound, excl in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(out.get(excl), bool):  # OpenAPI 3.0 boolean form -> the draft-7 number form
+            if out.pop(excl) and bound in out:
+                out[excl] = out.pop(bound)
     if s.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if s.get("x-kubernetes-int-or-string"):
