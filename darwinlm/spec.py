@@ -263,7 +263,7 @@ class PosttrainSpec(SpecNode):
     tokens: int = setting(65536, ge=1)
     """Training tokens (paper: 10B for 7-8B models; set what your budget allows)."""
     lr: float = setting(1e-4, gt=0.0)
-    """Peak learning rate (linear warmup, then constant)."""
+    """Peak learning rate: linear warm-up over warmup_steps, then cosine decay to 10% of the peak."""
     warmup_steps: int = setting(2, ge=0)
     """Optimiser steps of linear learning-rate warmup."""
     batch_size: int = setting(1, ge=1)

@@ -78,6 +78,12 @@ class Workspace:
     def db(self):
         from .database import LayerDatabase, finalize
 
+        marker = "database/shard-0-of-%d.json" % self.spec.database.shards
+        if self.store.exists(marker) and self.store.get_json(marker).get("key") != self.db_key:
+            raise SpecError([("database", f"this search was built on layer database "
+                                          f"{self.store.get_json(marker).get('key')}, but this library version "
+                                          f"computes {self.db_key} (algorithm or data changed); "
+                                          "start a new search name or store")])
         if finalize(self.model, self.spec.database, self.root, self.db_key, self.pools.calibration.digest(),
                     self.spec.database.shards) is None:
             raise RuntimeError("the layer database is incomplete: run the database tasks first")
