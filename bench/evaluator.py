@@ -226,12 +226,12 @@ def main(argv=None) -> dict:
         ap.error(f"unknown paths {bad}; choose from {PATHS}")
     os.chdir(_ROOT)  # the example spec's store is relative (./runs)
     spec = load_spec(args.spec)
-    over = {}
+    over = {"name": "bench-evaluator"}  # never a real search's records (only the shared layer database)
     if args.offspring:
         over["search.offspring"] = args.offspring
     if args.store:
         over["store"] = args.store
-    spec = with_overrides(spec, **over) if over else spec
+    spec = with_overrides(spec, **over)
     ws = Workspace(spec)
     ensure_database(ws)
     g = args.generation
