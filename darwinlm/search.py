@@ -31,9 +31,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -50,8 +49,18 @@ from .train import ColumnMask, finetune, make_optimizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_space", "target_sums", "initial_parent", "CandidateBuilder", "Evaluator",
-           "run_generation", "genome_id", "state_key", "nested_train_batches", "stage_train_batches"]
+__all__ = [
+    "CandidateBuilder",
+    "Evaluator",
+    "build_space",
+    "genome_id",
+    "initial_parent",
+    "nested_train_batches",
+    "run_generation",
+    "stage_train_batches",
+    "state_key",
+    "target_sums",
+]
 
 
 def state_key(g: int) -> str:

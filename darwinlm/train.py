@@ -9,7 +9,6 @@ or, in ``mode: mask``, the removed columns get zero gradients and are re-zeroed 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
@@ -23,7 +22,7 @@ from .runtime import autocast
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_optimizer", "train_step", "finetune", "posttrain", "ColumnMask"]
+__all__ = ["ColumnMask", "finetune", "make_optimizer", "posttrain", "train_step"]
 
 
 class ColumnMask:

@@ -6,14 +6,13 @@ import importlib.util
 import pathlib
 
 import pytest
-import torch
 
 from darwinlm.data import sample_at_least, sample_exact
 from darwinlm.fitness import TeacherCache
 from darwinlm.mutation import sample_offspring
 from darwinlm.rng import derive_rng
 from darwinlm.runner import run_search
-from darwinlm.search import Evaluator, nested_train_batches, run_generation, stage_train_batches
+from darwinlm.search import Evaluator, nested_train_batches, run_generation
 from darwinlm.spec import load_spec, with_overrides
 from darwinlm.store import open_store
 
@@ -97,7 +96,7 @@ def test_evaluator_equals_the_reference_loop(ws, fused):
 def test_warm_start_replay_equals_held(ws, mode):
     """A survivor continued in memory and one rebuilt by replaying the prefix score the same."""
     spec = _spec(ws, mode=mode, warm_start=True)
-    parent, kids = _kids(ws, 2)
+    _, kids = _kids(ws, 2)
     trains = nested_train_batches(ws.pools.finetune, [s["finetune_tokens"] for s in STAGES], derive_rng(0, "n"))
     fits = [sample_exact(ws.pools.calibration, s["fitness_tokens"], derive_rng(0, "f", i)) for i, s in
             enumerate(STAGES)]
@@ -138,7 +137,7 @@ def test_held_state_is_not_reused_for_other_data(ws):
 
 def test_only_the_best_keep_are_held(ws):
     spec = _spec(ws, warm_start=True)
-    parent, kids = _kids(ws, 4)
+    _, kids = _kids(ws, 4)
     train = sample_at_least(ws.pools.finetune, 64, derive_rng(0, "t"))
     fit = sample_exact(ws.pools.calibration, 96, derive_rng(0, "f"))
     ev = _evaluator(ws, spec)
@@ -221,3 +220,42 @@ class _TwoWorkers:
 
     def __call__(self, genome, train, fit):
         return self.current(genome, train, fit)
+
+
+@pytest.mark.parametrize("kind", ["kl", "topk_kl", "ppl"])
+def test_fitness_matches_the_naive_formula(ws, kind):
+    """The scoring shortcuts (one autocast region, decoded teacher cache) change nothing."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from darwinlm.fitness import fitness
+
+    _, kids = _kids(ws, 1)
+    model = ws.builder.shrunk(kids[0])
+    model.requires_grad_(False)
+    chunks = sample_exact(ws.pools.calibration, 160, derive_rng(0, "naive"))
+    teacher = TeacherCache(ws.model, "float32", kind=kind, topk=16)
+    got = [fitness(kind, model, chunks, teacher, "float32") for _ in range(2)]  # 2nd: decoded cache hits
+    assert got[0] == got[1]
+    assert not any(p.requires_grad for p in model.parameters())
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for c in chunks:
+            s = model(input_ids=c.view(1, -1)).logits[0, :-1].float()
+            if kind == "ppl":
+                total += float(F.cross_entropy(s, c[1:], reduction="sum"))
+                n += c.numel() - 1
+                continue
+            t = F.log_softmax(ws.model(input_ids=c.view(1, -1)).logits[0, :-1].float(), -1).half().float()
+            if kind == "topk_kl":
+                vals, idx = t.topk(16, dim=-1)
+                t, s = F.log_softmax(vals, -1), F.log_softmax(s.gather(-1, idx), -1)
+            else:
+                s = F.log_softmax(s, -1)
+            kl = (t.exp() * (t - s)).sum(-1)
+            total += float(kl.sum())
+            n += kl.numel()
+    naive = math.exp(total / n) if kind == "ppl" else total / n
+    assert got[0] == pytest.approx(naive, rel=1e-5, abs=1e-7)
