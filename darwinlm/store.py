@@ -110,8 +110,13 @@ def open_store(
     multipart_threshold: int | None = None,
     multipart_chunksize: int | None = None,
     max_attempts: int | None = None,
+    session: Any = None,
 ) -> Store:
-    """Open the store at ``uri``. The keyword arguments apply to ``s3://`` only (see ``S3Store``)."""
+    """Open the store at ``uri``. The keyword arguments apply to ``s3://`` only (see ``S3Store``).
+
+    ``session``: a ``boto3.session.Session`` to make the client from (its credentials and region), e.g.
+    one built from a Kubernetes Secret, so the process environment is neither read nor changed. Default:
+    a fresh ``boto3.session.Session()`` (the standard credential chain)."""
     scheme, location = parse_store_uri(uri)
     s3_opts = {
         "endpoint_url": endpoint_url,
@@ -119,6 +124,7 @@ def open_store(
         "multipart_threshold": multipart_threshold,
         "multipart_chunksize": multipart_chunksize,
         "max_attempts": max_attempts,
+        "session": session,
     }
     s3_opts = {k: v for k, v in s3_opts.items() if v is not None}
     if scheme == "file":
@@ -467,8 +473,10 @@ class _S3Conn:
     """One boto3 client + transfer settings, shared by a store and its ``child`` views."""
 
     def __init__(self, bucket: str, endpoint_url: str | None, region_name: str | None,
-                 multipart_threshold: int, multipart_chunksize: int, max_attempts: int):
+                 multipart_threshold: int, multipart_chunksize: int, max_attempts: int, session: Any = None):
         self.bucket = bucket
+        if session is not None:
+            self.session = session  # fills the cached_property below
         self._opts = (endpoint_url, region_name, max_attempts)
         self._transfer_opts = dict(multipart_threshold=multipart_threshold,
                                    multipart_chunksize=multipart_chunksize, max_concurrency=8)
@@ -520,17 +528,18 @@ class S3Store(_StoreBase):
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region_name: str | None = None, multipart_threshold: int = 64 << 20,
-                 multipart_chunksize: int = 64 << 20, max_attempts: int = 10,
+                 multipart_chunksize: int = 64 << 20, max_attempts: int = 10, session: Any = None,
                  _conn: _S3Conn | None = None):
         """``multipart_threshold``/``multipart_chunksize`` are bytes (S3 parts are >= 5 MiB);
-        ``max_attempts`` counts the first try (botocore "standard" retry mode)."""
+        ``max_attempts`` counts the first try (botocore "standard" retry mode); ``session``: the
+        ``boto3.session.Session`` whose credentials to use (default: the standard chain)."""
         if not bucket or "/" in bucket:
             raise StoreError(f"invalid S3 bucket name {bucket!r}")
         self.bucket = bucket
         self.prefix = _check_prefix(prefix)
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._c = _conn or _S3Conn(bucket, endpoint_url, region_name, multipart_threshold,
-                                   multipart_chunksize, max_attempts)
+                                   multipart_chunksize, max_attempts, session)
 
     def _obj(self, key: str) -> str:
         return _join(self.prefix, key)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from darwinlm.errors import ArtifactNotFound
-from darwinlm.store import S3Store, Store, open_store
+from darwinlm.store import Store, open_store
 
 __all__ = ["CredentialsError", "Credentials", "read_credentials", "open_search_store", "search_prefix",
            "StoreView", "StoreCache"]
@@ -82,21 +82,12 @@ def read_credentials(core_v1, namespace: str, ref) -> Credentials:
     return Credentials(*values)
 
 
-def _with_credentials(store: Store, creds: Credentials, region: str | None) -> Store:
-    """Give an S3 store its own boto3 Session holding ``creds`` (the process env is not touched).
-
-    darwinlm.store has no credentials argument yet; its ``_S3Conn.session`` is a cached_property
-    created on first use, so setting it before any request is equivalent. (Proposed library change:
-    ``open_store(..., session=None)`` passed through ``S3Store`` to ``_S3Conn``.)
-    """
-    if not isinstance(store, S3Store):
-        return store
+def _session(creds: Credentials, region: str | None):
+    """A boto3 Session holding ``creds`` only (the process environment is neither read nor changed)."""
     import boto3
 
-    session = boto3.session.Session(aws_access_key_id=creds.access_key_id,
-                                    aws_secret_access_key=creds.secret_access_key, region_name=region)
-    store._c.session = session  # noqa: SLF001 - see the docstring
-    return store
+    return boto3.session.Session(aws_access_key_id=creds.access_key_id,
+                                 aws_secret_access_key=creds.secret_access_key, region_name=region)
 
 
 class StoreCache:
@@ -130,10 +121,11 @@ class StoreCache:
         with self._lock:
             if key in self._stores:
                 return self._stores[key]
-        opts = {"endpoint_url": endpoint, "region_name": region} if uri.startswith("s3://") else {}
+        opts: dict[str, Any] = {}
+        if uri.startswith("s3://"):
+            opts = {"endpoint_url": endpoint, "region_name": region,
+                    "session": _session(creds, region) if creds is not None else None}
         store = open_store(uri, **{k: v for k, v in opts.items() if v is not None})
-        if creds is not None:
-            store = _with_credentials(store, creds, region)
         with self._lock:
             return self._stores.setdefault(key, store)
 

@@ -10,6 +10,8 @@ Failure classes (``classify_failure``), first match wins:
   ``status.reason`` Evicted/Preempting/Shutdown/...: *not counted* (Preempted / Evicted);
 * exit code 2 (darwinlm_jobs: bad spec, infeasible target), or the Job's PodFailurePolicy reason
   for it: *permanent* (PermanentError, with the first error line of the termination message);
+* exit code 137 or 143 without OOMKilled (the container was killed by SIGKILL/SIGTERM from outside: node
+  pressure, a runtime or node restart, preemption without a DisruptionTarget condition): *not counted* (Killed);
 * OOMKilled; exit code 3 (RetriableError: store unreachable, peer lost); any other exit code (Error);
   no pod left: the Job condition's reason - all *counted* against backoffLimit.
 """
@@ -30,6 +32,7 @@ __all__ = ["get", "job_outcome", "pods_of", "first_error_line", "classify_failur
 _IMAGE_PULL = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 _DISRUPTED_POD_REASONS = {"Evicted": "Evicted", "Preempting": "Preempted", "Shutdown": "Evicted",
                           "NodeShutdown": "Evicted", "Terminated": "Evicted", "NodeLost": "Evicted"}
+_KILLED = {137: "SIGKILL", 143: "SIGTERM"}  # 128 + signal number; OOMKilled is told apart by its reason
 _AWS_KEY = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b")
 
 def get(obj: Any, *path: str, default: Any = None) -> Any:
@@ -109,6 +112,10 @@ def classify_failure(job: Mapping, pods: list[Mapping]) -> dict[str, Any]:
         if t.get("reason") == "OOMKilled":
             return _failure("OOMKilled", True, False, "out of memory: raise resources.limits.memory or "
                                                       "lower the stage's fine-tune tokens")
+    for t in terms:
+        if t.get("exitCode") in _KILLED:
+            return _failure("Killed", False, False, f"exit code {t['exitCode']} ({_KILLED[t['exitCode']]} from "
+                                                    f"outside the task): retried without counting")
     for t in terms:
         why = "RetriableError" if t.get("exitCode") == 3 else "Error"
         return _failure(why, True, False, f"exit code {t.get('exitCode')}: "

@@ -16,12 +16,24 @@ darwinlm_search_generations_total_planned   gauge      namespace, name (spec.sea
 darwinlm_search_best_fitness                gauge      namespace, name
 darwinlm_search_seconds_since_progress      gauge      namespace, name (only while Running)
 darwinlm_offspring_evaluated_total          counter    namespace, name
-darwinlm_offspring_failed_total             counter    namespace, name, reason
+darwinlm_generation_attempts_total          counter    namespace, name (finished generation Jobs)
+darwinlm_generation_attempts_failed_total   counter    namespace, name, reason
 darwinlm_gpu_seconds_total                  counter    namespace, name
 darwinlm_database_build_seconds             gauge      namespace, name
 darwinlm_job_duration_seconds               histogram  kind (task kind)
 darwinlm_reconcile_errors_total             counter    namespace
 ==========================================  =========  ======================================
+
+Failure accounting: one generation Job attempt evaluates one generation's offspring; when it fails,
+they are all evaluated again by the next attempt. ``darwinlm_generation_attempts_total`` counts the
+finished attempts (Succeeded or Failed; Jobs deleted by suspend or a spec change count in neither) and
+``..._failed_total{reason}`` the failed ones, so failed / total is a ratio of the same unit (the
+DarwinLMOffspringFailureRateHigh alert). ``darwinlm_offspring_evaluated_total`` counts offspring.
+
+Zero series: ``rate()``/``increase()`` cannot see the first increment of a series that appears with
+value 1, so counters are exported at 0 before anything happens: the failure reasons the operator
+classifies (``FAILURE_REASONS``; other reasons appear when first seen), the task kinds of the
+job-duration histogram (``TASK_KINDS``) and each watched namespace's reconcile-error counter.
 """
 
 from __future__ import annotations
@@ -36,9 +48,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "PHASES"]
+__all__ = ["FAILURE_REASONS", "PHASES", "TASK_KINDS", "Metrics"]
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+# what jobstate.classify_failure and the reconciler record for a failed Job (exported at 0 up front)
+FAILURE_REASONS = ("Error", "RetriableError", "OOMKilled", "Killed", "Evicted", "Preempted", "PermanentError",
+                   "MissingOutput", "DeadlineExceeded")
+TASK_KINDS = ("database", "generation", "posttrain", "export", "evaluate")
 # Job durations: seconds, from a tiny CPU task to a multi-hour post-training
 _BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 
@@ -50,6 +66,7 @@ class _Search:
     generations: int = 0
     best: float | None = None
     evaluated: int = 0
+    attempts: int = 0
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
     gpu_seconds: float = 0.0
     database_seconds: float | None = None
@@ -58,7 +75,7 @@ class _Search:
 
 
 class _SearchCollector(Collector):
-    def __init__(self, metrics: "Metrics"):
+    def __init__(self, metrics: Metrics):
         self._m = metrics
 
     def collect(self) -> Iterator[Any]:
@@ -77,9 +94,12 @@ class _SearchCollector(Collector):
                                   labels=ns_name)
         evaluated = CounterMetricFamily("darwinlm_offspring_evaluated",
                                         "Offspring whose fitness was evaluated.", labels=ns_name)
-        failed = CounterMetricFamily("darwinlm_offspring_failed",
-                                     "Failed attempts of generation Jobs (their offspring are re-evaluated), "
-                                     "by reason.", labels=[*ns_name, "reason"])
+        attempts = CounterMetricFamily("darwinlm_generation_attempts",
+                                       "Finished attempts (Succeeded or Failed) of generation Jobs; each evaluates "
+                                       "one generation's offspring.", labels=ns_name)
+        failed = CounterMetricFamily("darwinlm_generation_attempts_failed",
+                                     "Failed attempts of generation Jobs (their offspring are evaluated again by "
+                                     "the next attempt), by reason.", labels=[*ns_name, "reason"])
         gpu = CounterMetricFamily("darwinlm_gpu_seconds",
                                   "GPU-seconds of the search's finished Jobs (GPUs per pod x pods x seconds).",
                                   labels=ns_name)
@@ -96,15 +116,16 @@ class _SearchCollector(Collector):
             if s.phase == "Running":
                 stall.add_metric(key, max(0.0, now - s.progress_at))
             evaluated.add_metric(key, s.evaluated)
-            for reason, n in sorted(s.failed.items()):
-                failed.add_metric([*key, reason], n)
+            attempts.add_metric(key, s.attempts)
+            for reason in sorted({*FAILURE_REASONS, *s.failed}):
+                failed.add_metric([*key, reason], s.failed.get(reason, 0))
             gpu.add_metric(key, s.gpu_seconds)
             if s.database_seconds is not None:
                 db.add_metric(key, s.database_seconds)
         for ns in sorted({ns for ns, _ in snap}):
             for phase in PHASES:
                 by_phase.add_metric([ns, phase], phases.get((ns, phase), 0))
-        yield from (by_phase, gen, planned, best, stall, evaluated, failed, gpu, db)
+        yield from (by_phase, gen, planned, best, stall, evaluated, attempts, failed, gpu, db)
 
 
 class Metrics:
@@ -119,6 +140,8 @@ class Metrics:
                                       ["kind"], buckets=_BUCKETS, registry=self.registry)
         self.reconcile_errors = Counter("darwinlm_reconcile_errors", "Reconciles that raised an error.",
                                         ["namespace"], registry=self.registry)
+        for kind in TASK_KINDS:
+            self.job_duration.labels(kind)
         self.registry.register(_SearchCollector(self))
 
     def snapshot(self) -> dict[tuple[str, str], _Search]:
@@ -129,10 +152,17 @@ class Metrics:
                 accounted: list[Mapping[str, Any]] = ()) -> None:
         """Update a search from its (new) status, ``Decision.metrics`` and newly accounted Jobs."""
         failed: dict[str, int] = {}
+        attempts = 0
         for rec in (status.get("attempts") or {}).values():
-            if rec.get("outcome") == "Failed" and str(rec.get("task", "")).startswith("generation-"):
-                failed[rec.get("reason") or "Error"] = failed.get(rec.get("reason") or "Error", 0) + 1
+            if not str(rec.get("task", "")).startswith("generation-"):
+                continue
+            if rec.get("outcome") in ("Succeeded", "Failed"):
+                attempts += 1
+            if rec.get("outcome") == "Failed":
+                reason = rec.get("reason") or "Error"
+                failed[reason] = failed.get(reason, 0) + 1
         now = self.clock()
+        self.reconcile_errors.labels(namespace)  # the series exists (at 0) before the first error
         with self._lock:
             s = self._searches.setdefault((namespace, name), _Search(progress_at=now))
             s.phase = status.get("phase") or "Pending"
@@ -140,7 +170,8 @@ class Metrics:
             s.generations = int(status.get("generationsTotal") or 0)
             s.best = status.get("bestFitness")
             s.evaluated = max(s.evaluated, int(status.get("offspringEvaluated") or 0))
-            s.failed = failed
+            s.attempts = max(s.attempts, attempts)
+            s.failed = {r: max(n, s.failed.get(r, 0)) for r, n in {**s.failed, **failed}.items()}
             s.gpu_seconds = max(s.gpu_seconds, float(status.get("gpuSeconds") or 0.0))
             if extra.get("databaseSeconds") is not None:
                 s.database_seconds = float(extra["databaseSeconds"])

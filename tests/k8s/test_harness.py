@@ -226,6 +226,31 @@ def test_job_with_secret_env_completes(k8s, namespace, pod_runner):
     assert {e["reason"] for e in k8s.events(namespace, "ok")} >= {"SuccessfulCreate", "Completed"}
 
 
+def test_mount_paths_are_rewritten_once(k8s, namespace, pod_runner, tmp_path):
+    """emptyDirs at /tmp and /cache map to per-pod dirs (which live under /tmp themselves) and a ``path_map``
+    entry under /tmp maps to itself: every path is rewritten exactly once."""
+    data = tmp_path / "assets"                           # under /tmp, like pytest's tmp_path
+    data.mkdir()
+    (data / "hello.txt").write_text("hi")
+    pod_runner.path_map[str(data)] = str(data)
+    code = ("import json, os; print(json.dumps({k: os.environ[k] for k in ('HOME', 'CACHE', 'DATA')})); "
+            "print(open(os.environ['DATA']).read())")
+    job = job_manifest("paths", code, env=[{"name": "HOME", "value": "/tmp"},
+                                           {"name": "CACHE", "value": "/cache/huggingface"},
+                                           {"name": "DATA", "value": f"{data}/hello.txt"}])
+    pod_spec = job["spec"]["template"]["spec"]
+    pod_spec["volumes"] = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}]
+    pod_spec["containers"][0]["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"},
+                                                 {"name": "cache", "mountPath": "/cache"}]
+    create_job(k8s, namespace, job)
+    assert cond(pod_runner.wait_for_job("paths", timeout=20), "Complete")
+    out = pod_runner.logs("paths").splitlines()
+    env = json.loads(out[0])
+    vols = pod_runner.work_dir / namespace / "pods" / pod_runner.pods("paths")[0].name / "volumes"
+    assert env == {"HOME": str(vols / "tmp"), "CACHE": f"{vols / 'cache'}/huggingface", "DATA": f"{data}/hello.txt"}
+    assert out[1] == "hi"
+
+
 def test_job_failure_exit_code_and_backoff(k8s, namespace, pod_runner):
     create_job(k8s, namespace, job_manifest("bad", "import sys; print('boom'); sys.exit(3)", backoffLimit=1))
     job = pod_runner.wait_for_job("bad", timeout=20)

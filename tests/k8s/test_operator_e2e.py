@@ -7,131 +7,34 @@ On the same stack: an evicted Job is retried without counting, a permanent error
 search naming the task, ``suspend`` deletes the running Job and resuming continues; a SIGKILLed operator adopts
 the running Job after its restart; ``artifactRetention: Delete`` cleans the store prefix through the finalizer;
 ``workers: 2`` runs a generation as an Indexed Job whose state equals a one-process run's; ``kubectl get``
-shows the printer columns (xfail while the API emulator cannot answer with server-side Tables).
+shows the CRD's printer columns (server-side Tables, answered by the API emulator as by a real API server).
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import pathlib
-import shutil
-import socket
-import tempfile
 import time
 import urllib.request
 
-import pytest
-
 from tests.conftest import tiny_spec_dict
-from tests.support.cluster import REPO_ROOT, wait_for
-
-CRD = REPO_ROOT / "manifests" / "crd.yaml"
-G, V, P = "darwinlm.io", "v1alpha1", "pruningsearches"
-SECRET_NAME = "darwinlm-s3"
-PREFIX = "runs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def pod_assets(tiny_assets):
-    """The tiny model and text where a job pod can see them: not under /tmp, which is the pods' emptyDir.
-
-    (In a real pod an emptyDir at /tmp hides whatever the image has there, and the pod runner maps the mount
-    path /tmp to a per-pod directory, rewriting "/tmp/..." in the pod's arguments and environment too.)
-    """
-    root = pathlib.Path(tempfile.mkdtemp(prefix="darwinlm-e2e-", dir="/var/tmp"))
-    shutil.copytree(tiny_assets, root / "tiny")
-    yield root / "tiny"
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def manifest(name: str, assets, s3, **over) -> dict:
-    spec = tiny_spec_dict(assets, f"s3://{s3.bucket}/{PREFIX}")
-    spec.pop("name")
-    spec.update(image="darwinlm-job:dev", backoffLimit=1, podStartTimeoutSeconds=60,
-                s3={"secretRef": {"name": SECRET_NAME}, "endpoint": s3.endpoint_url, "region": s3.region})
-    spec.update(over)
-    return {"apiVersion": f"{G}/{V}", "kind": "PruningSearch", "metadata": {"name": name}, "spec": spec}
-
-
-@pytest.fixture
-def cluster(kubectl, k8s, namespace, s3, pod_runner, run_operator):
-    """CRD + S3 Secret + the operator watching ``namespace``; yields (operator, metrics port)."""
-    kubectl("apply", "-f", str(CRD))
-    k8s.core.create_namespaced_secret(namespace, {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET_NAME},
-        "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(s3.access_key.encode()).decode(),
-                 "AWS_SECRET_ACCESS_KEY": base64.b64encode(s3.secret_key.encode()).decode()}})
-    port = _free_port()
-    # The operator's own AWS_* variables are wrong on purpose: it must reach the store with the Secret's
-    # credentials and spec.s3.endpoint, never with its process environment.
-    wrong = {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-             "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
-    op = run_operator("darwinlm_operator.handlers", env={
-        "DARWINLM_METRICS_PORT": str(port), "DARWINLM_RECONCILE_INTERVAL": "1", **wrong}, wait_resource=P)
-    yield op, port
-
-
-def _draft7_bounds(node):
-    """OpenAPI 3.0 ``minimum: x, exclusiveMinimum: true`` -> JSON Schema draft 7 ``exclusiveMinimum: x``."""
-    if isinstance(node, dict):
-        for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-            if node.get(key) is True and bound in node:
-                node[key] = node.pop(bound)
-        for value in node.values():
-            _draft7_bounds(value)
-    elif isinstance(node, list):
-        for value in node:
-            _draft7_bounds(value)
-    return node
-
-
-def apply_search(kubectl, manifest: dict, namespace: str) -> None:
-    """``kubectl apply`` a PruningSearch. WORKAROUND, remove when fixed: tests/support/kmock_server.py
-    validates custom resources with jsonschema Draft 7, which reads the CRD's OpenAPI 3.0 boolean
-    ``exclusiveMinimum: true`` as the number 1 ("0.5 is less than or equal to the minimum of True"); then the
-    CRD is re-applied with draft-7 bounds (the same constraints) and the PruningSearch applied again."""
-    r = kubectl.apply(manifest, namespace=namespace, check=False)
-    if r.returncode and "minimum of True" in r.stderr:
-        import yaml
-
-        crd = _draft7_bounds(yaml.safe_load(CRD.read_text()))
-        kubectl.apply(crd)
-        r = kubectl.apply(manifest, namespace=namespace, check=False)
-    assert r.returncode == 0, r.stderr
-
-
-def get_ps(k8s, namespace, name) -> dict:
-    return k8s.custom_object(G, V, P, name, namespace) or {}
-
-
-def wait_phase(k8s, namespace, name, phases, op, pod_runner, timeout=600.0) -> dict:
-    try:
-        return wait_for(lambda: (lambda ps: ps if (ps.get("status") or {}).get("phase") in phases else None)(
-            get_ps(k8s, namespace, name)), timeout, f"{name} in {phases}", interval=0.2)
-    except TimeoutError:
-        ps = get_ps(k8s, namespace, name)
-        raise AssertionError(f"status: {json.dumps(ps.get('status'), indent=1)[-3000:]}\n"
-                             f"operator:\n{op.current_output[-3000:]}\n"
-                             f"pods: {[(p.name, p.state, p.exit_code) for p in pod_runner.runs]}") from None
-
-
-def cond(ps: dict, ctype: str) -> dict:
-    return next((c for c in (ps.get("status") or {}).get("conditions") or [] if c["type"] == ctype), {})
-
-
-def s3_json(s3, key: str):
-    return json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+from tests.k8s._helpers import (
+    PREFIX,
+    G,
+    P,
+    apply_search,
+    cond,
+    finished,
+    get_ps,
+    manifest,
+    s3_json,
+    variants,
+    wait_phase,
+)
+from tests.support.cluster import wait_for
 
 
 def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s, namespace, s3, pod_runner,
-                                                            tiny_assets, pod_assets, tmp_path):
+                                                            pod_assets, embedded_tiny):
     op, port = cluster
     t0 = time.monotonic()
     apply_search(kubectl, manifest("tiny", pod_assets, s3), namespace)
@@ -152,13 +55,7 @@ def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s
     assert all(a["outcome"] == "Succeeded" for a in st["attempts"].values())
 
     # the same spec run embedded gives the same model configuration
-    from darwinlm.runner import run_search
-    from darwinlm.spec import load_spec
-    from darwinlm.store import open_store
-
-    embedded = load_spec(tiny_spec_dict(tiny_assets, f"file://{tmp_path / 'embedded'}"))
-    run_search(embedded)
-    want = open_store(f"file://{tmp_path / 'embedded'}").child("searches/tiny").get_json("result/config.json")
+    embedded, want = embedded_tiny
     got = s3_json(s3, f"{PREFIX}/searches/tiny-{uid}/result/config.json")
     assert got == want
 
@@ -166,7 +63,7 @@ def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s
     jobs = k8s.jobs(namespace)
     names = sorted(j["metadata"]["name"] for j in jobs)
     assert names == sorted(["tiny-database-0-of-1-a0", "tiny-generation-0-a0", "tiny-generation-1-a0",
-                            "tiny-generation-2-a0", *[f"tiny-posttrain-{v}-a0" for v in _variants(embedded)],
+                            "tiny-generation-2-a0", *[f"tiny-posttrain-{v}-a0" for v in variants(embedded)],
                             "tiny-export-a0", "tiny-evaluate-a0"])
     for j in jobs:
         assert j["metadata"]["ownerReferences"][0]["uid"] == uid
@@ -190,31 +87,63 @@ def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s
 
 
 def test_kubectl_get_shows_the_printer_columns(cluster, kubectl, k8s, namespace, s3, pod_assets):
-    """A suspended search (no Jobs): the operator still fills in phase and generation i/N."""
+    """A suspended search (no Jobs): the operator still fills in phase, generation i/N and the best fitness (from
+    a generation marker put in its store), and ``kubectl get`` prints them in the CRD's printer columns from the
+    API server's Table (the emulator answers ``Accept: ...;as=Table`` like a real API server does)."""
+    import hashlib
+    import re
+
     op, _ = cluster
     apply_search(kubectl, manifest("shown", pod_assets, s3, suspend=True), namespace)
-    wait_for(lambda: (get_ps(k8s, namespace, "shown").get("status") or {}).get("phase") == "Suspended", 30,
-             "phase Suspended")
+    ps = wait_for(lambda: (lambda p: p if (p.get("status") or {}).get("phase") == "Suspended" else None)(
+        get_ps(k8s, namespace, "shown")), 30, "phase Suspended")
+    assert not ps["metadata"].get("finalizers")  # Retain: nothing blocks deletion
+    # generation 0 done, as its Job would have left it (a complete artifact: canonical JSON + its sha256 in the
+    # object metadata); the operator reports it even while suspended
+    body = (json.dumps({"best_fitness": 0.4375, "evaluations": 4, "seconds": 12.5}, sort_keys=True, indent=1)
+            + "\n").encode()
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{PREFIX}/searches/shown-{ps['metadata']['uid']}/generations/"
+                                                 f"00000/state.json",
+                           Body=body, Metadata={"sha256": hashlib.sha256(body).hexdigest()})
+    st = wait_for(lambda: (lambda s: s if s.get("generation") == "1/3" and s.get("bestFitness") is not None else None)(
+        get_ps(k8s, namespace, "shown").get("status") or {}), 30, "generation 1/3 with a best fitness")
+    assert st["phase"] == "Suspended" and st["bestFitness"] == 0.4375, st
+
     crd = kubectl.json("get", "crd", f"{P}.{G}")
     columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
-    # what the API server prints, evaluated by kubectl's own JSONPath engine
+    assert [c["name"] for c in columns] == ["Phase", "Generation", "Best", "ETA", "Age"], columns
+    # kubectl's own JSONPath engine on the whole object (client side)
     spec = ",".join(f"{c['name'].upper()}:{c['jsonPath']}" for c in columns if c["name"] != "Age")
     rows = kubectl("get", "psearch", "shown", "-n", namespace, "-o", f"custom-columns={spec}").stdout.splitlines()
-    assert not get_ps(k8s, namespace, "shown")["metadata"].get("finalizers")  # Retain: nothing blocks deletion
-    assert rows[0].split()[:2] == ["PHASE", "GENERATION"] and rows[1].split()[:2] == ["Suspended", "0/3"], rows
-    out = kubectl("get", "psearch", "-n", namespace).stdout
-    header = out.splitlines()[0].split()
-    if header == ["NAME", "AGE"]:
-        pytest.xfail("the API emulator answers `kubectl get` without a server-side Table, so kubectl cannot show "
-                     "additionalPrinterColumns (a real API server does)")
-    assert header[:4] == ["NAME", "PHASE", "GENERATION", "BEST"], out
-    assert "Suspended" in out and "0/3" in out
+    assert rows[0].split()[:3] == ["PHASE", "GENERATION", "BEST"], rows
+    assert rows[1].split()[:3] == ["Suspended", "1/3", "0.4375"], rows
 
+    def table(*args: str) -> tuple[list[str], list[dict[str, str]]]:
+        """``kubectl get ARGS`` as (header, rows as {HEADER: cell}); cells cut at the header's column starts
+        (empty cells print as blanks)."""
+        lines = kubectl("get", *args, "-n", namespace).stdout.splitlines()
+        assert lines, args
+        starts = [m.start() for m in re.finditer(r"(?<!\S)\S+(?: \S+)*", lines[0])]
+        header = [lines[0][a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
+        body = [{h: line[a:b].strip() for h, a, b in zip(header, starts, starts[1:] + [None])} for line in lines[1:]]
+        return header, body
 
-def _variants(spec) -> list[str]:
-    from darwinlm.plan import posttrain_variants
-
-    return posttrain_variants(spec)
+    # the server-side Table: NAME, the priority-0 columns in order, AGE computed by the server from the timestamp
+    normal = ["NAME"] + [c["name"].upper() for c in columns if not c.get("priority")]
+    want = {"NAME": "shown", "PHASE": "Suspended", "GENERATION": "1/3", "BEST": "0.4375"}
+    for args in (("psearch",), ("pruningsearches.darwinlm.io",), ("ps", "shown"), ("darwinlm",)):
+        header, body = table(*args)
+        assert header == normal, (args, header)
+        assert len(body) == 1 and {k: body[0][k] for k in want} == want, (args, body)
+        assert re.fullmatch(r"(\d+[smhdy])+", body[0]["AGE"]), (args, body)
+    # -o wide adds the priority-1 column (ETA: none while suspended)
+    header, body = table("psearch", "-o", "wide")
+    assert header == ["NAME"] + [c["name"].upper() for c in columns], header
+    assert {k: body[0][k] for k in want} == want and body[0]["ETA"] == "", body
+    # all namespaces: kubectl adds NAMESPACE from the rows' object metadata
+    header, body = table("psearch", "-A")
+    assert header[:2] == ["NAMESPACE", "NAME"] and {"NAMESPACE": namespace, **want}.items() <= next(
+        r for r in body if r["NAMESPACE"] == namespace).items(), body
 
 
 def _handoff_gaps(jobs: list[dict]) -> list[int]:
@@ -253,13 +182,13 @@ def test_failures_retries_and_suspend(cluster, kubectl, k8s, namespace, s3, pod_
     kubectl("patch", "psearch", "evict", "--type=merge", "-p", '{"spec":{"suspend":true}}', "-n", namespace)
     ps = wait_phase(k8s, namespace, "evict", ("Suspended",), op, pod_runner, timeout=60)
     wait_for(lambda: not [j for j in k8s.jobs(namespace) if j["metadata"]["name"].startswith("evict-")
-                          and not _finished(j)], 30, "active Jobs deleted")
+                          and not finished(j)], 30, "active Jobs deleted")
     assert cond(ps, "Suspended")["status"] == "True"
     kubectl("patch", "psearch", "evict", "--type=merge", "-p", '{"spec":{"suspend":false}}', "-n", namespace)
     ps = wait_phase(k8s, namespace, "evict", ("Running", "Succeeded"), op, pod_runner, timeout=60)
     assert cond(ps, "Suspended")["reason"] == "Resumed"
     wait_for(lambda: [j for j in k8s.jobs(namespace) if j["metadata"]["name"].startswith("evict-")
-                      and not _finished(j)], 30, "a new Job after resuming")
+                      and not finished(j)], 30, "a new Job after resuming")
     kubectl("patch", "psearch", "evict", "--type=merge", "-p", '{"spec":{"suspend":true}}', "-n", namespace)
 
     # 3. a permanent error (exit code 2) in a generation fails the search at once, naming task and error
@@ -270,11 +199,6 @@ def test_failures_retries_and_suspend(cluster, kubectl, k8s, namespace, s3, pod_
     assert ps["status"]["phase"] == "Failed" and failed["reason"] == "TaskFailedPermanently", ps["status"]
     assert "generation-0" in failed["message"] and "permanent error" in failed["message"]
     assert not [j for j in k8s.jobs(namespace) if j["metadata"]["name"].startswith("perm-generation-0-a1")]
-
-
-def _finished(job: dict) -> bool:
-    return any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
-               for c in (job.get("status") or {}).get("conditions") or [])
 
 
 def test_operator_restart_resumes_and_delete_policy_cleans_s3(cluster, kubectl, k8s, namespace, s3, pod_runner,

@@ -51,12 +51,18 @@ def test_names_labels_and_values():
     assert s[("darwinlm_gpu_seconds_total", key)] == 1234.5
     assert s[("darwinlm_database_build_seconds", key)] == 77.0
     assert s[("darwinlm_search_seconds_since_progress", key)] == 30
-    assert s[("darwinlm_offspring_failed_total", (*key[:1], ("namespace", "team-a"), ("reason", "OOMKilled")))] == 1
-    assert ("darwinlm_offspring_failed_total", (*key[:1], ("namespace", "team-a"), ("reason", "Error"))) not in s
+    # generation-Job attempts: 3 finished (2 failed), the failed database Job counts in neither
+    assert s[("darwinlm_generation_attempts_total", key)] == 3
+    failed = {dict(lbls)["reason"]: v for (n, lbls), v in s.items() if n == "darwinlm_generation_attempts_failed_total"}
+    assert failed["OOMKilled"] == failed["Evicted"] == 1
+    assert failed["Error"] == 0  # exported at 0 up front, so rate() sees the first failure
+    assert sum(failed.values()) == 2
     assert s[("darwinlm_searches", (("namespace", "team-a"), ("phase", "Running")))] == 1
     assert s[("darwinlm_searches", (("namespace", "team-a"), ("phase", "Failed")))] == 0
     assert s[("darwinlm_job_duration_seconds_count", (("kind", "generation"),))] == 1
     assert s[("darwinlm_reconcile_errors_total", (("namespace", "team-a"),))] == 1
+    for kind in ("database", "posttrain", "export", "evaluate"):  # zero histograms before their first Job
+        assert s[("darwinlm_job_duration_seconds_count", (("kind", kind),))] == 0
     labels = {k for (_, lbls) in s for k, _ in lbls}
     assert labels <= {"namespace", "name", "phase", "reason", "kind", "le"}  # low cardinality
 
@@ -73,6 +79,19 @@ def test_progress_resets_the_stall_clock_and_finished_searches_do_not_stall():
     assert not [k for k in _samples(m) if k[0] == "darwinlm_search_seconds_since_progress"]
     m.forget("ns", "s")
     assert not [k for k in _samples(m) if k[0] == "darwinlm_search_generation"]
+
+
+def test_counters_start_at_zero():
+    """A search's counters (and its namespace's reconcile errors) are exported at 0 before anything happened:
+    rate() and increase() miss the first increment of a series that appears with value 1."""
+    m = Metrics()
+    m.observe("ns", "s", {"phase": "Pending"}, {})
+    s = _samples(m)
+    key = (("name", "s"), ("namespace", "ns"))
+    assert s[("darwinlm_generation_attempts_total", key)] == 0
+    assert s[("darwinlm_generation_attempts_failed_total", (*key, ("reason", "OOMKilled")))] == 0
+    assert s[("darwinlm_offspring_evaluated_total", key)] == 0
+    assert s[("darwinlm_reconcile_errors_total", (("namespace", "ns"),))] == 0
 
 
 def test_counters_never_go_backwards_within_a_process():

@@ -178,6 +178,8 @@ def test_a_crash_is_retried_and_counted():
      "Preempted"),
     ({"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
       "exit_code": 137}, "Evicted"),
+    ({"exit_code": 137}, "Killed"),  # SIGKILL from outside (not OOMKilled): the task is not at fault
+    ({"exit_code": 143}, "Killed"),
 ])
 def test_disruptions_are_retried_without_counting(pod_kw, reason):
     cr = make_cr(backoffLimit=0)

@@ -243,3 +243,11 @@ def test_render_is_pure_and_json_serialisable():
     assert job == again
     json.dumps(job)
     json.dumps(render.render_service(cr))
+
+
+def test_the_jobs_know_the_same_kubernetes_fields_as_the_operator():
+    """``darwinlm_jobs`` may not import the operator (import-linter), so it keeps its own copy of the
+    top-level PruningSearch keys it ignores in a ``--spec`` manifest: it must equal kspec's."""
+    from darwinlm_jobs import _common
+
+    assert _common._KUBERNETES_FIELDS == KUBERNETES_FIELDS  # noqa: SLF001

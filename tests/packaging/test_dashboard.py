@@ -20,7 +20,8 @@ BUILTIN_VARS = {"__rate_interval", "__interval", "__range", "__interval_ms", "__
 # search-scoped metrics: their panels must follow the namespace/search variables
 SCOPED = {"darwinlm_search_generation", "darwinlm_search_generations_total_planned",
           "darwinlm_search_best_fitness", "darwinlm_offspring_evaluated_total",
-          "darwinlm_offspring_failed_total", "darwinlm_gpu_seconds_total",
+          "darwinlm_generation_attempts_total", "darwinlm_generation_attempts_failed_total",
+          "darwinlm_gpu_seconds_total",
           "darwinlm_database_build_seconds", "darwinlm_search_seconds_since_progress"}
 
 
@@ -89,13 +90,13 @@ def test_template_variables(dash):
 def test_required_panels(dash):
     titles = {p["title"] for p in dash["panels"]}
     for wanted in ("Searches by phase", "Generation progress", "Best fitness over time",
-                   "Offspring throughput", "Offspring failures by reason", "Job duration p50 / p95",
+                   "Offspring throughput", "Generation Job failures by reason", "Job duration p50 / p95",
                    "GPU-hours per search", "Database build time"):
         assert wanted in titles
     durations = next(p for p in dash["panels"] if p["title"] == "Job duration p50 / p95")
     quantiles = {re.search(r"histogram_quantile\((0\.\d+)", t["expr"]).group(1) for t in durations["targets"]}
     assert quantiles == {"0.5", "0.95"}
-    failures = next(p for p in dash["panels"] if p["title"] == "Offspring failures by reason")
+    failures = next(p for p in dash["panels"] if p["title"] == "Generation Job failures by reason")
     assert "by (reason)" in failures["targets"][0]["expr"]
 
 

@@ -69,6 +69,17 @@ def test_operator_down_covers_missing_target():
     assert 'up{job=~".*darwinlm.*"} == 0' in expr and 'absent(up{job=~".*darwinlm.*"})' in expr
 
 
+def test_failure_rate_compares_the_same_unit():
+    """DarwinLMOffspringFailureRateHigh: failed generation-Job attempts over all finished generation-Job
+    attempts (not failed attempts over evaluated offspring: one attempt evaluates a whole generation)."""
+    expr = next(r["expr"] for r in _rules() if r["alert"] == "DarwinLMOffspringFailureRateHigh")
+    ratio = re.search(r"\((.*?)\)\s*>\s*0\.25", " ".join(expr.split()))
+    assert ratio, expr
+    num, den = ratio.group(1).split(" / ")
+    assert "darwinlm_generation_attempts_failed_total[" in num and "darwinlm_generation_attempts_total[" in den
+    assert "offspring_evaluated" not in expr
+
+
 def _used_metrics(exprs) -> set[str]:
     return {m for e in exprs for m in re.findall(r"\bdarwinlm_[a-z_]+\b", e)}
 

@@ -62,6 +62,15 @@ What is emulated (on top of plain kmock):
     ``timeoutSeconds`` ends the stream, ``sendInitialEvents`` + initial-events-end BOOKMARK, JSON content type
     (``kubectl get -w`` and ``kubectl delete --wait`` work); the bus is subscribed before the replay, so no event
     is lost between replay and live streaming (plain kmock could lose them)
+  * server-side tables (what ``kubectl get`` prints): ``Accept: application/json;as=Table;v=v1|v1beta1;
+    g=meta.k8s.io`` on get/list/watch answers a ``meta.k8s.io`` ``Table``. Custom resources: Name plus the CRD
+    version's ``additionalPrinterColumns`` (default: Age), cells from each column's JSONPath (fields, ``['k']``,
+    ``[i]``, ``[*]``, ``[?(@.type=="Ready")]``), typed like the apiextensions apiserver (``date`` -> an age such as
+    ``5m3s``, ``number``/``integer``/``boolean`` typed, ``string`` printed, missing -> null); priority-1 columns
+    included (kubectl shows them with ``-o wide``). Built-ins: Jobs, Pods, Namespaces and CRDs as the apiserver
+    prints them, others Name/Age. Rows carry ``PartialObjectMetadata`` (``includeObject=Metadata``, the default),
+    the object (``Object``) or nothing (``None``); watch events carry one-row Tables, the column definitions only in
+    the first. ``as=PartialObjectMetadata[List]`` answers metadata only. Categories work (``kubectl get darwinlm``)
   * pod logs: ``GET .../pods/<name>/log`` serves the file named by the pod annotation
     ``kmock-emulator/log-path`` (set by tests/support/pod_runner.py), with ``tailLines``/``limitBytes``
   * Status error bodies with machine reasons (NotFound, AlreadyExists, Conflict, Invalid, BadRequest, Gone,
@@ -75,8 +84,9 @@ kubelet), the scheduler, server-side apply, protobuf bodies (kubectl's typed ``c
 webhooks, RBAC/authn (any token works), pagination (``limit``/``continue`` ignored: everything in one page),
 ``resourceVersionMatch``, the Eviction API, exec/attach/port-forward, conversion webhooks (only the served versions
 as stored), ``scale`` subresources, graceful Pod deletion (Pods go at once), Foreground deletion's
-``foregroundDeletion`` finalizer (dependents are deleted first, synchronously), field-selector validation, and
-table output (``kubectl get`` prints from the plain list).
+``foregroundDeletion`` finalizer (dependents are deleted first, synchronously), field-selector validation, 406 Not
+Acceptable (an ``Accept`` offering only unknown ``as=`` targets gets the plain object), and the apiserver's printers
+for built-ins other than Jobs, Pods, Namespaces and CRDs (the others get Name, Age).
 """
 
 from __future__ import annotations
@@ -106,7 +116,8 @@ from kmock._internal import k8s as _k8s
 from kmock._internal import parsing as _parsing
 
 __all__ = ["Emulator", "EmulatorThread", "ApiError", "parse_label_selector", "parse_field_selector",
-           "match_labels", "write_kubeconfig", "LOG_PATH_ANNOTATION", "main"]
+           "match_labels", "write_kubeconfig", "LOG_PATH_ANNOTATION", "main", "negotiate_as", "jsonpath_first",
+           "human_duration", "crd_cell", "crd_columns"]
 
 LOG_PATH_ANNOTATION = "kmock-emulator/log-path"
 _PROTOBUF_MSG = ("protobuf request bodies are not supported by the kmock emulator (kubectl's typed generators such as "
@@ -542,6 +553,385 @@ def _strip_for_noop(obj: dict) -> dict:
     md.pop("managedFields", None)
     o["metadata"] = md
     return o
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Server-side tables (``kubectl get``): ``Accept: application/json;as=Table;v=v1;g=meta.k8s.io``
+
+_NAME_DESC = ("Name must be unique within a namespace. Is required when creating resources, although some resources "
+              "may allow a client to request the generation of an appropriate name automatically. Name is primarily "
+              "intended for creation idempotence and configuration definition. Cannot be updated. More info: "
+              "https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names")
+_CREATED_DESC = ("CreationTimestamp is a timestamp representing the server time when this object was created. It is "
+                 "not guaranteed to be set in happens-before order across separate operations. Clients may not set "
+                 "this value. It is represented in RFC3339 form and is in UTC.\n\nPopulated by the system.\nRead-only."
+                 "\nNull for lists. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/"
+                 "api-conventions.md#metadata")
+
+
+def negotiate_as(accept: str | None) -> tuple[str, str] | None:
+    """The transformation an ``Accept`` header asks for, as the apiserver negotiates it: ``("Table", "v1")``,
+    ``("PartialObjectMetadata", "v1beta1")``, ... or None for the plain object. Media types are tried in order;
+    ``as=`` targets the emulator does not know are skipped (a real apiserver answers 406 if none fits)."""
+    for part in (accept or "").split(","):
+        fields = [f.strip() for f in part.split(";")]
+        mtype = fields[0].lower()
+        if mtype not in ("application/json", "application/*", "*/*", "application/yaml"):
+            continue
+        params = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+        target = params.get("as")
+        if not target:
+            return None
+        if params.get("g") == "meta.k8s.io" and params.get("v") in ("v1", "v1beta1") and target in (
+                "Table", "PartialObjectMetadata", "PartialObjectMetadataList"):
+            return target, params["v"]
+    return None
+
+
+def _parse_time(text: Any) -> datetime.datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(text)             # RFC 3339, "Z" included (Python 3.11)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
+
+
+def human_duration(seconds: float) -> str:
+    """k8s.io/apimachinery/pkg/util/duration.HumanDuration: what ``kubectl get`` shows as AGE."""
+    s = int(seconds)
+    if s < -1:
+        return "<invalid>"
+    if s < 0:
+        return "0s"
+    if s < 120:
+        return f"{s}s"
+    minutes = s // 60
+    if minutes < 10:
+        return f"{minutes}m" if s % 60 == 0 else f"{minutes}m{s % 60}s"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = s // 3600
+    if hours < 8:
+        return f"{hours}h" if minutes % 60 == 0 else f"{hours}h{minutes % 60}m"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{hours // 24}d" if hours % 24 == 0 else f"{hours // 24}d{hours % 24}h"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        dy = (hours // 24) % 365
+        return f"{hours // 24 // 365}y" if dy == 0 else f"{hours // 24 // 365}y{dy}d"
+    return f"{hours // 24 // 365}y"
+
+
+def _since(text: Any, now: datetime.datetime | None = None) -> str:
+    """``translateTimestampSince`` / ``ConvertToHumanReadableDateType``: "<unknown>" for a missing timestamp."""
+    t = _parse_time(text)
+    if t is None:
+        return "<unknown>"
+    now = now or datetime.datetime.now(datetime.UTC)
+    return human_duration((now - t).total_seconds())
+
+
+# ---- a JSONPath subset, as CRD printer columns use it (k8s.io/client-go/util/jsonpath, AllowMissingKeys) ----
+
+_JP_TOKEN = re.compile(r"""
+    \.\.(?P<recursive>)                                  # .. (recursive descent: unsupported, no results)
+  | \.(?P<field>(?:\\.|[^.\[\\])+|\*)                   # .name  .na\.me  .*
+  | \[\s*(?P<index>-?\d+)\s*\]                           # [0]  [-1]
+  | \[\s*(?P<slice>-?\d*\s*:\s*-?\d*)\s*\]               # [1:3]
+  | \[\s*\*\s*\](?P<star>)                               # [*]
+  | \[\s*(?P<q>['"])(?P<key>.*?)(?P=q)\s*\]              # ['key']  ["key"]
+  | \[\s*\?\(\s*(?P<filter>.*?)\s*\)\s*\]                # [?(@.type=="Ready")]
+""", re.VERBOSE)
+_JP_FILTER = re.compile(r"""^@(?P<path>(?:\.(?:\\.|[^.\s=!<>\\])+)*)\s*(?:(?P<op>==|!=|<=|>=|<|>)\s*(?P<lit>.+))?$""")
+
+
+def _jp_steps(path: str) -> list[tuple[str, Any]] | None:
+    path = path.strip()
+    if path.startswith("{") and path.endswith("}"):
+        path = path[1:-1].strip()
+    path = path.removeprefix("$")
+    steps, pos = [], 0
+    while pos < len(path):
+        m = _JP_TOKEN.match(path, pos)
+        if m is None:
+            return None
+        pos = m.end()
+        if m.group("recursive") is not None:
+            return None
+        if m.group("field") is not None:
+            f = m.group("field")
+            steps.append(("wild", None) if f == "*" else ("field", re.sub(r"\\(.)", r"\1", f)))
+        elif m.group("index") is not None:
+            steps.append(("index", int(m.group("index"))))
+        elif m.group("slice") is not None:
+            a, b = (x.strip() for x in m.group("slice").split(":"))
+            steps.append(("slice", (int(a) if a else None, int(b) if b else None)))
+        elif m.group("star") is not None:
+            steps.append(("wild", None))
+        elif m.group("key") is not None:
+            steps.append(("field", m.group("key")))
+        else:
+            fm = _JP_FILTER.match(m.group("filter"))
+            if fm is None:
+                return None
+            sub = _jp_steps(fm.group("path") or "")
+            lit: Any = None
+            if fm.group("op"):
+                raw = fm.group("lit").strip()
+                if raw[:1] in "'\"" and raw[-1:] == raw[:1]:
+                    lit = raw[1:-1]
+                else:
+                    try:
+                        lit = json.loads(raw)
+                    except ValueError:
+                        lit = raw
+            steps.append(("filter", (sub or [], fm.group("op"), lit)))
+    return steps
+
+
+def _jp_eval(steps: list[tuple[str, Any]], root: Any) -> list[Any]:
+    cur = [root]
+    for kind, arg in steps:
+        nxt: list[Any] = []
+        for v in cur:
+            if kind == "field" and isinstance(v, dict) and arg in v:
+                nxt.append(v[arg])
+            elif kind == "wild":
+                nxt.extend([v[k] for k in sorted(v)] if isinstance(v, dict) else v if isinstance(v, list) else [])
+            elif kind == "index" and isinstance(v, list) and -len(v) <= arg < len(v):
+                nxt.append(v[arg])
+            elif kind == "slice" and isinstance(v, list):
+                nxt.extend(v[arg[0]:arg[1]])
+            elif kind == "filter" and isinstance(v, list):
+                sub, op, lit = arg
+                for item in v:
+                    found = _jp_eval(sub, item)
+                    if not found:
+                        continue
+                    x = found[0]
+                    if op is None:
+                        nxt.append(item)
+                        continue
+                    try:
+                        ok = {"==": x == lit, "!=": x != lit, "<": x < lit, ">": x > lit, "<=": x <= lit,
+                              ">=": x >= lit}[op]
+                    except TypeError:
+                        ok = False
+                    if ok:
+                        nxt.append(item)
+        cur = nxt
+    return cur
+
+
+def jsonpath_first(obj: Any, path: str) -> tuple[bool, Any]:
+    """(found, value) of the first result of a (simple) JSONPath such as ``.status.phase`` or
+    ``.status.conditions[?(@.type=="Ready")].status``; (False, None) when missing or unsupported."""
+    steps = _jp_steps(path)
+    if steps is None:
+        return False, None
+    found = _jp_eval(steps, obj)
+    return (True, found[0]) if found else (False, None)
+
+
+def _go_text(value: Any) -> str:
+    """jsonpath PrintResults of one value (Go ``fmt.Fprint``; maps and lists as compact JSON)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e21:
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if value is None:
+        return "<nil>"
+    return str(value)
+
+
+def crd_cell(ctype: str, found: bool, value: Any, now: datetime.datetime | None = None) -> Any:
+    """A custom resource column cell (apiextensions-apiserver's tableconvertor): strings printed, numbers and
+    booleans typed, dates turned into an age ("5m3s") like the apiserver does; None (kubectl: <none>) if absent."""
+    if not found or value is None:
+        return None
+    if ctype == "string":
+        return _go_text(value)
+    if ctype == "integer":
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            return int(value)
+        return None
+    if ctype == "number":
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if ctype == "boolean":
+        return value if isinstance(value, bool) else None
+    if ctype == "date":
+        if isinstance(value, str):
+            t = _parse_time(value)
+            return "<invalid>" if t is None else _since(value, now)
+        return None
+    return None
+
+
+def _column(name: str, ctype: str = "string", description: str = "", *, fmt: str = "", priority: int = 0) -> dict:
+    return {"name": name, "type": ctype, "format": fmt, "description": description, "priority": priority}
+
+
+_NAME_COL = _column("Name", "string", _NAME_DESC, fmt="name")
+_AGE_COL = _column("Age", "string", _CREATED_DESC)
+
+
+def crd_columns(printer_columns: list[dict] | None) -> list[dict]:
+    """Table columns of a CRD version: Name, then ``additionalPrinterColumns`` (default: Age, type date)."""
+    cols = printer_columns or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp",
+                                "description": _CREATED_DESC}]
+    out = [dict(_NAME_COL)]
+    for c in cols:
+        out.append(_column(c.get("name", ""), c.get("type", "string"),
+                           c.get("description") or f"Custom resource definition column (in JSONPath format): "
+                                                    f"{c.get('jsonPath', '')}",
+                           fmt=c.get("format", ""), priority=int(c.get("priority") or 0)))
+    return out
+
+
+def _crd_row(obj: dict, printer_columns: list[dict] | None, now: datetime.datetime) -> list[Any]:
+    cols = printer_columns or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    cells: list[Any] = [(obj.get("metadata") or {}).get("name", "")]
+    for c in cols:
+        found, value = jsonpath_first(obj, c.get("jsonPath", ""))
+        cells.append(crd_cell(c.get("type", "string"), found, value, now))
+    return cells
+
+
+# Built-in printers (a few, as in k8s.io/kubernetes/pkg/printers/internalversion; the apiserver always
+# sends the wide columns, kubectl hides priority > 0 unless ``-o wide``). Everything else: Name, Age.
+
+def _containers_cells(containers: list[dict]) -> tuple[str, str]:
+    return (",".join(c.get("name", "") for c in containers), ",".join(c.get("image", "") for c in containers))
+
+
+def _selector_text(sel: dict | None) -> str:
+    if not sel:
+        return "<none>"
+    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        op = e.get("operator", "")
+        vals = ",".join(sorted(e.get("values") or []))
+        parts.append({"In": f"{e.get('key')} in ({vals})", "NotIn": f"{e.get('key')} notin ({vals})",
+                      "Exists": f"{e.get('key')}", "DoesNotExist": f"!{e.get('key')}"}.get(op, f"{e.get('key')}"))
+    return ",".join(parts) or "<none>"
+
+
+def _has_cond(obj: dict, ctype: str) -> bool:
+    return any(c.get("type") == ctype and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict))
+
+
+def _job_cells(job: dict, now: datetime.datetime) -> list[Any]:
+    spec, st, md = job.get("spec") or {}, job.get("status") or {}, job.get("metadata") or {}
+    succeeded = int(st.get("succeeded") or 0)
+    if spec.get("completions") is not None:
+        completions = f"{succeeded}/{spec['completions']}"
+    elif int(spec.get("parallelism") or 0) > 1:
+        completions = f"{succeeded}/1 of {spec['parallelism']}"
+    else:
+        completions = f"{succeeded}/1"
+    start, end = _parse_time(st.get("startTime")), _parse_time(st.get("completionTime"))
+    duration = "" if start is None else human_duration(((end or now) - start).total_seconds())
+    if _has_cond(job, "Complete"):
+        status = "Complete"
+    elif _has_cond(job, "Failed"):
+        status = "Failed"
+    elif md.get("deletionTimestamp"):
+        status = "Terminating"
+    elif _has_cond(job, "Suspended"):
+        status = "Suspended"
+    elif _has_cond(job, "FailureTarget"):
+        status = "FailureTarget"
+    elif _has_cond(job, "SuccessCriteriaMet"):
+        status = "SuccessCriteriaMet"
+    else:
+        status = "Running"
+    names, images = _containers_cells(((spec.get("template") or {}).get("spec") or {}).get("containers") or [])
+    return [md.get("name", ""), status, completions, duration, _since(md.get("creationTimestamp"), now),
+            names, images, _selector_text(spec.get("selector"))]
+
+
+def _pod_cells(pod: dict, now: datetime.datetime) -> list[Any]:
+    spec, st, md = pod.get("spec") or {}, pod.get("status") or {}, pod.get("metadata") or {}
+    phase = st.get("phase") or ""
+    reason = st.get("reason") or phase
+    total, ready, restarts, running = len(spec.get("containers") or []), 0, 0, False
+    for cs in reversed(st.get("containerStatuses") or []):
+        restarts += int(cs.get("restartCount") or 0)
+        state = cs.get("state") or {}
+        waiting, term = state.get("waiting"), state.get("terminated")
+        if waiting and waiting.get("reason"):
+            reason = waiting["reason"]
+        elif term and term.get("reason"):
+            reason = term["reason"]
+        elif term is not None:
+            reason = f"Signal:{term['signal']}" if term.get("signal") else f"ExitCode:{term.get('exitCode', 0)}"
+        elif cs.get("ready") and state.get("running") is not None:
+            running = True
+            ready += 1
+    if reason == "Completed" and running:
+        reason = "Running" if _has_cond(pod, "Ready") else "NotReady"
+    if md.get("deletionTimestamp") and phase not in ("Succeeded", "Failed"):
+        reason = "Terminating"
+    ips = st.get("podIPs") or []
+    ip = (ips[0].get("ip") if ips else st.get("podIP")) or "<none>"
+    return [md.get("name", ""), f"{ready}/{total}", reason, str(restarts), _since(md.get("creationTimestamp"), now),
+            ip, spec.get("nodeName") or "<none>", st.get("nominatedNodeName") or "<none>", "<none>"]
+
+
+_BUILTIN_TABLES: dict[tuple[str, str], tuple[list[dict], Any]] = {
+    ("batch", "jobs"): ([_NAME_COL, _column("Status", description="Status of the job."),
+                        _column("Completions", description="The number of pods which reached phase Succeeded."),
+                        _column("Duration", description="Time required to complete the job."), _AGE_COL,
+                        _column("Containers", description="Names of each container in the template.", priority=1),
+                        _column("Images", description="Images referenced by each container in the template.",
+                                priority=1),
+                        _column("Selector", description="A label query over pods that should match the pod "
+                                                        "count.", priority=1)], _job_cells),
+    ("", "pods"): ([_NAME_COL, _column("Ready", description="The aggregate readiness state of this pod for "
+                                                            "accepting traffic."),
+                    _column("Status", description="The aggregate status of the containers in this pod."),
+                    _column("Restarts", description="The number of times the containers in this pod have been "
+                                                    "restarted and when the last container in this pod has "
+                                                    "restarted."), _AGE_COL,
+                    _column("IP", description="IP address allocated to the pod.", priority=1),
+                    _column("Node", description="NodeName is a request to schedule this pod onto a specific node.",
+                            priority=1),
+                    _column("Nominated Node", description="nominatedNodeName is set only when this pod preempts "
+                                                          "other pods on the node.", priority=1),
+                    _column("Readiness Gates", description="If specified, all readiness gates will be evaluated "
+                                                           "for pod readiness.", priority=1)], _pod_cells),
+    ("", "namespaces"): ([_NAME_COL, _column("Status", description="The status of the namespace"), _AGE_COL],
+                         lambda o, now: [o["metadata"].get("name", ""), (o.get("status") or {}).get("phase", ""),
+                                         _since(o["metadata"].get("creationTimestamp"), now)]),
+    # no printer in the apiserver: its default table convertor
+    ("apiextensions.k8s.io", "customresourcedefinitions"): (
+        [_NAME_COL, _column("Created At", "date", _CREATED_DESC)],
+        lambda o, now: [o["metadata"].get("name", ""), o["metadata"].get("creationTimestamp")]),
+}
+_DEFAULT_TABLE = ([_NAME_COL, _AGE_COL],
+                  lambda o, now: [(o.get("metadata") or {}).get("name", ""),
+                                  _since((o.get("metadata") or {}).get("creationTimestamp"), now)])
+
+
+def _partial(obj: dict, version: str) -> dict:
+    return {"kind": "PartialObjectMetadata", "apiVersion": f"meta.k8s.io/{version}",
+            "metadata": copy.deepcopy(obj.get("metadata") or {})}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1282,7 +1672,8 @@ class Emulator(kmock.KubernetesEmulator):
                 shortnames=set(names.get("shortNames", [])), categories=set(names.get("categories", [])),
                 subresources=subs)
             self._dk_crds[res] = {"kind": names.get("kind"), "group": spec["group"], "status": "status" in subs,
-                                  "schema": (v.get("schema") or {}).get("openAPIV3Schema"), "crd": crd["metadata"]["name"]}
+                                  "schema": (v.get("schema") or {}).get("openAPIV3Schema"), "crd": crd["metadata"]["name"],
+                                  "columns": list(v.get("additionalPrinterColumns") or [])}
 
     async def _unregister_crd(self, crd: dict) -> None:
         for res in [r for r, info in self._dk_crds.items() if info["crd"] == crd["metadata"]["name"]]:
@@ -1294,14 +1685,16 @@ class Emulator(kmock.KubernetesEmulator):
 
     # ---- discovery fixes ----
 
-    async def _serve_version(self, request):     # core groupVersion '/v1' -> 'v1'; no shortNames on subresources
+    async def _serve_version(self, request):     # core groupVersion '/v1' -> 'v1'; no shortNames/categories
+                                                 # on subresources
         result = await super()._serve_version(request)
         if isinstance(result, dict):
             if result.get("groupVersion", "").startswith("/"):
                 result["groupVersion"] = result["groupVersion"][1:]
             for r in result.get("resources", []):
-                if "/" in r.get("name", ""):
+                if "/" in r.get("name", ""):           # kubectl expands categories: none on subresources
                     r.pop("shortNames", None)
+                    r.pop("categories", None)
                     r["singularName"] = ""
         return result
 
@@ -1320,14 +1713,68 @@ class Emulator(kmock.KubernetesEmulator):
                 out.append(raw)
         return out
 
+    # ---- server-side tables and metadata-only answers (content negotiation through Accept) ----
+
+    def _table_columns(self, res) -> tuple[list[dict], Any]:
+        """(columnDefinitions, row function(obj, now) -> cells) for a resource."""
+        crd = self._dk_crds.get(res)
+        if crd is not None:
+            cols = crd.get("columns") or []
+            return crd_columns(cols), lambda obj, now: _crd_row(obj, cols, now)
+        return _BUILTIN_TABLES.get((res.group or "", str(res.plural)), _DEFAULT_TABLE)
+
+    @staticmethod
+    def _include_object(request) -> str:
+        inc = request.params.get("includeObject") or "Metadata"
+        if inc not in ("None", "Metadata", "Object"):
+            raise ApiError(400, "BadRequest", f'unrecognized includeObject value: "{inc}"')
+        return inc
+
+    def _table(self, request, objs: list[dict], rv: str, version: str, *, headers: bool = True) -> dict:
+        columns, cells = self._table_columns(request.resource)
+        include = self._include_object(request)
+        now = datetime.datetime.now(datetime.UTC)
+        rows = []
+        for obj in objs:
+            row: dict[str, Any] = {"cells": cells(obj, now)}
+            if include == "Object":
+                row["object"] = obj
+            elif include == "Metadata":
+                row["object"] = _partial(obj, version)
+            rows.append(row)
+        if request.params.get("noHeaders") == "true" or request.params.get("noHeaders") == "1":
+            headers = False
+        return {"kind": "Table", "apiVersion": f"meta.k8s.io/{version}", "metadata": {"resourceVersion": rv},
+                "columnDefinitions": copy.deepcopy(columns) if headers else [], "rows": rows}
+
+    def _transform(self, request, obj: dict, *, headers: bool = True) -> dict:
+        """One object as the request's Accept asks: the object, a one-row Table, or PartialObjectMetadata."""
+        target = negotiate_as(request.headers.get("Accept"))
+        if target is None:
+            return obj
+        kind, version = target
+        if kind == "Table":
+            return self._table(request, [obj], str((obj.get("metadata") or {}).get("resourceVersion") or ""),
+                               version, headers=headers)
+        return _partial(obj, version)
+
     async def _serve_list(self, request):
         if not self._known(request.resource):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        target = negotiate_as(request.headers.get("Accept"))
+        if target is not None and target[0] == "Table":
+            self._include_object(request)                  # 400 on a bad value, before any work
         async with self._lock:
             items = copy.deepcopy(self._selected(request))
             rv = str(self._dk_rv)
         items.sort(key=lambda o: ((o.get("metadata") or {}).get("namespace") or "",
                                   (o.get("metadata") or {}).get("name") or ""))
+        if target is not None:
+            kind, version = target
+            if kind == "Table":
+                return self._table(request, items, rv, version)
+            return {"kind": "PartialObjectMetadataList", "apiVersion": f"meta.k8s.io/{version}",
+                    "metadata": {"resourceVersion": rv}, "items": [_partial(o, version) for o in items]}
         return {"apiVersion": self._api_version(request.resource), "kind": f"{self._kind(request.resource)}List",
                 "metadata": {"resourceVersion": rv}, "items": items}
 
@@ -1342,7 +1789,7 @@ class Emulator(kmock.KubernetesEmulator):
             obj = self._live((res, request.namespace, request.name))
         if obj is None:
             raise _not_found(res, request.name or "")
-        return obj
+        return self._transform(request, obj)
 
     async def _serve_log(self, request):
         async with self._lock:
@@ -1365,6 +1812,9 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _serve_watch(self, request):
         # Not a generator itself: returns a Response so that the stream gets a JSON content type (kubectl -w).
+        target = negotiate_as(request.headers.get("Accept"))
+        if target is not None and target[0] == "Table":
+            self._include_object(request)                  # a bad value: 400 before the stream starts
         return rendering.Response(headers={"Content-Type": "application/json"}, payload=self._watch_stream(request))
 
     async def _watch_stream(self, request):
@@ -1401,6 +1851,18 @@ class Emulator(kmock.KubernetesEmulator):
                     return {"type": "DELETED", "object": obj}
             return {"type": etype, "object": obj} if ok else None
 
+        # kubectl get -w asks for Tables: one row per event, the column definitions only in the first one
+        # (kubectl reuses the last columns for events without them).
+        target = negotiate_as(request.headers.get("Accept"))
+        headers_sent = [False]
+
+        def shape(event: dict) -> dict:
+            if target is None:
+                return event
+            obj = self._transform(request, event["object"], headers=not headers_sent[0])
+            headers_sent[0] = True
+            return {"type": event["type"], "object": obj}
+
         async with self._lock:
             marker = await bus.mark()
             replay: list[dict] = []
@@ -1431,7 +1893,7 @@ class Emulator(kmock.KubernetesEmulator):
                     continue
                 out = translate(e)
                 if out is not None:
-                    yield out
+                    yield shape(out)
             stream = bus.stream(since=marker).__aiter__()
             while True:
                 remaining = None if deadline is None else deadline - loop.time()
@@ -1443,7 +1905,7 @@ class Emulator(kmock.KubernetesEmulator):
                     break
                 out = translate(event)
                 if out is not None:
-                    yield out
+                    yield shape(out)
         finally:
             try:
                 await bus.unmark(marker)

@@ -1055,10 +1055,16 @@ class PodRunner:
     def _rewrite(self, s: str, st: _JobState, mounts: list[tuple[str, str]]) -> str:
         if not isinstance(s, str):
             return s
+        # One pass over all mount paths (longest first), so a rewritten path is never rewritten again: the
+        # local dirs usually live under /tmp, itself a mount path (emptyDir), and a path_map entry may map a
+        # path under /tmp to itself.
+        table: dict[str, str] = {}
         for cpath, local in mounts:
-            if cpath == "/":
-                continue
-            s = re.sub(r"(?<![\w./-])" + re.escape(cpath) + r"(?=/|$|[\s:=,;\"'])", lambda _m: local, s)
+            if cpath != "/":
+                table.setdefault(cpath, local)
+        if table:
+            alts = "|".join(re.escape(c) for c in sorted(table, key=len, reverse=True))
+            s = re.sub(r"(?<![\w./-])(" + alts + r")(?=/|$|[\s:=,;\"'])", lambda m: table[m.group(1)], s)
         # "<job>-<i>.<subdomain>[...]" or "<job>-<i>:<port>" at the start, after "//", "=", "@", "," or a space
         dns = re.compile(r"(?:^|(?<=//)|(?<==)|(?<=@)|(?<=,)|(?<=\s))" + re.escape(st.name)
                          + r"-\d+(?:\.[A-Za-z0-9-]+)*(?=:\d|$|/|\s|,)")

@@ -5,12 +5,13 @@
 
     srv = MotoS3Process().start()          # moto_server subprocess: outages
     with srv.outage("hang"):   ...         # SIGSTOP: connections open but nothing answers (client timeouts)
-    with srv.outage("refuse"): ...         # process gone: connection refused; state snapshot restored after
+    with srv.outage("refuse"): ...         # port closed, open connections reset: connection refused
     srv.outage_for(30, "hang")             # background thread: down now, back after 30 s (returns the thread)
 
-The state survives both kinds of outage: "hang" keeps the process (SIGSTOP/SIGCONT), "refuse" snapshots every
-bucket and object (latest versions, content type, user metadata, bucket versioning) before stopping and restores
-them after the restart on the same port.
+The clients talk to a small TCP gate (threads in this process) in front of the moto_server process. The state
+survives both kinds of outage, and no acknowledged write is ever lost: "hang" stops the moto process
+(SIGSTOP/SIGCONT); "refuse" closes the gate (its listening socket and every open connection) while moto keeps
+running behind it, so a request cut off mid-way may or may not have been applied, as with a real S3 outage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -131,8 +133,97 @@ class MotoS3(_S3Base):
         self.stop()
 
 
+class _TcpGate:
+    """A TCP relay ``127.0.0.1:port -> 127.0.0.1:target`` that can be closed (connection refused, open
+    connections reset) and opened again on the same port, while the server behind it keeps its state."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self._lsock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.connections = 0                 # accepted so far (for tests of the gate itself)
+
+    @property
+    def is_open(self) -> bool:
+        return self._lsock is not None
+
+    def open(self) -> None:
+        if self._lsock is not None:
+            return
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(128)
+        ls.settimeout(0.2)
+        self._lsock = ls
+        threading.Thread(target=self._accept, args=(ls,), name=f"s3-gate-{self.port}", daemon=True).start()
+
+    def close(self) -> None:
+        ls, self._lsock = self._lsock, None
+        if ls is not None:
+            ls.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for s in conns:
+            _hard_close(s)
+
+    def _accept(self, ls: socket.socket) -> None:
+        while self._lsock is ls:
+            try:
+                client, _ = ls.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _hard_close(client)
+                continue
+            with self._lock:
+                if self._lsock is not ls:                # closed meanwhile
+                    _hard_close(client)
+                    _hard_close(upstream)
+                    return
+                self._conns.update((client, upstream))
+                self.connections += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            self._conns.discard(src)
+            self._conns.discard(dst)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _hard_close(s: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as when a server's process dies."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        s.close()
+
+
 class MotoS3Process(_S3Base):
-    """``moto_server`` as a subprocess on a fixed port, so it can be paused, stopped and restarted."""
+    """``moto_server`` as a subprocess behind a TCP gate on a fixed port, so it can be paused and cut off."""
 
     def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None) -> None:
         self.port = port or _free_port()
@@ -140,20 +231,22 @@ class MotoS3Process(_S3Base):
         self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(tempfile.mkstemp(suffix=".moto.log")[1])
         self.proc: subprocess.Popen | None = None
         self.paused = False
-        self._snapshot: dict | None = None
+        self._moto_port = _free_port()
+        self.gate = _TcpGate(self.port, self._moto_port)
 
     def _cmd(self) -> list[str]:
         exe = pathlib.Path(sys.executable).parent / "moto_server"
         if exe.exists():
-            return [str(exe), "-H", "127.0.0.1", "-p", str(self.port)]
-        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            return [str(exe), "-H", "127.0.0.1", "-p", str(self._moto_port)]
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._moto_port)]
 
     def start(self) -> "MotoS3Process":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self._cmd(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()
-        _wait_http(self.endpoint_url + "/moto-api/", proc=self.proc)
+        _wait_http(f"http://127.0.0.1:{self._moto_port}/moto-api/", proc=self.proc)
+        self.gate.open()
         return self
 
     @property
@@ -173,46 +266,19 @@ class MotoS3Process(_S3Base):
         os.kill(self.proc.pid, signal.SIGCONT)
         self.paused = False
 
-    def snapshot(self) -> dict:
-        c = self.client(max_attempts=1)
-        snap: dict = {}
-        for b in c.list_buckets().get("Buckets", []):
-            name = b["Name"]
-            ver = c.get_bucket_versioning(Bucket=name).get("Status")
-            objs = []
-            for key in self.list_keys(name):
-                o = c.get_object(Bucket=name, Key=key)
-                objs.append((key, o["Body"].read(), o.get("ContentType"), o.get("Metadata") or {}))
-            snap[name] = {"versioning": ver, "objects": objs}
-        return snap
-
-    def restore(self, snap: dict) -> None:
-        c = self.client()
-        for name, info in snap.items():
-            c.create_bucket(Bucket=name)
-            if info["versioning"]:
-                c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": info["versioning"]})
-            for key, body, ctype, meta in info["objects"]:
-                kw = {"ContentType": ctype} if ctype else {}
-                c.put_object(Bucket=name, Key=key, Body=body, Metadata=meta, **kw)
-
     def go_down(self) -> None:
-        """Stop the process (connection refused from now on); the state is snapshotted first."""
+        """Connection refused from now on, open connections reset (moto keeps running behind the gate)."""
         if self.paused:
             self.resume()
-        self._snapshot = self.snapshot()
-        self._terminate()
+        self.gate.close()
 
     def come_up(self) -> None:
-        """Restart on the same port and restore the snapshot."""
-        self.start()
-        if self._snapshot is not None:
-            self.restore(self._snapshot)
-            self._snapshot = None
+        """Accept connections on the same port again; the state is as it was."""
+        self.gate.open()
 
     @contextlib.contextmanager
     def outage(self, mode: str = "hang") -> Iterator["MotoS3Process"]:
-        """``hang`` (SIGSTOP/SIGCONT) or ``refuse`` (stop, then restart on the same port with the state restored)."""
+        """``hang`` (SIGSTOP/SIGCONT the moto process) or ``refuse`` (the gate closed: connection refused)."""
         if mode == "hang":
             self.pause()
             try:
@@ -230,6 +296,8 @@ class MotoS3Process(_S3Base):
 
     def outage_for(self, seconds: float, mode: str = "hang") -> threading.Thread:
         """Start an outage now and end it after ``seconds`` in a background thread (join it to wait)."""
+        if mode not in ("hang", "refuse"):
+            raise ValueError(f"unknown outage mode {mode!r}")
         if mode == "hang":
             self.pause()
         else:
@@ -246,6 +314,7 @@ class MotoS3Process(_S3Base):
         return t
 
     def _terminate(self) -> None:
+        self.gate.close()
         if self.proc is None:
             return
         if self.proc.poll() is None:
