@@ -2,11 +2,13 @@
 
 ``kubectl apply -f`` of the shipped example (only what points outside the test cluster is replaced: the S3
 bucket and endpoint, and the number of generations, ``DARWINLM_SLOW_GENERATIONS``, default 3, to keep the tier
-near 15 minutes on 2 cores; set it to 10 for the example as shipped). The example mounts the claim
-``darwinlm-models`` at /models; the pod runner maps a claim to a local directory shared by all pods, which the
-test fills the way the example's comment says (``models/`` and ``text/`` as ``darwinlm provision`` lays them
-out: here symlinks to ~/.cache/darwinlm). The search must reach Succeeded, and its exported model config,
-summary rows and final genome must equal an embedded ``darwinlm run`` of the same algorithm fields.
+near 15 minutes on 2 cores; set it to 10 for the example as shipped). The example reads the model and text
+from the claim ``darwinlm-models`` mounted at /models; the test takes the example's documented alternative
+instead (the assets baked into the image: paths pointing at them, no volume), with the assets at
+~/.cache/darwinlm where ``darwinlm provision`` put them. (Mounting the claim would make the pod runner rewrite
+/models in the pods' spec to a local directory, and the operator would then rightly refuse the search's stored
+spec as a different one.) The search must reach Succeeded, and its exported model config, summary rows and
+final genome must equal an embedded ``darwinlm run`` of the same algorithm fields.
 
 Run with ``pytest -m slow tests/k8s/test_smollm2_e2e.py``.
 """
@@ -20,7 +22,7 @@ import time
 import pytest
 import yaml
 
-from tests.k8s._helpers import PREFIX, cond, get_ps, s3_json, wait_phase  # the cluster fixture: conftest.py
+from tests.k8s._helpers import PREFIX, cond, s3_json, wait_phase  # the cluster fixture: conftest.py
 from tests.support.cluster import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -29,8 +31,14 @@ EXAMPLE = REPO_ROOT / "manifests" / "examples" / "smollm2-quick.yaml"
 
 
 def _example(s3, generations: int) -> dict:
-    doc = yaml.safe_load(EXAMPLE.read_text())
+    from darwinlm.provision import default_cache_dir
+
+    text = EXAMPLE.read_text().replace(" /models/", f" {default_cache_dir()}/")
+    doc = yaml.safe_load(text)
     spec = doc["spec"]
+    template = spec["podTemplate"]
+    template["volumes"] = [v for v in template["volumes"] if v["name"] != "models"]
+    template["volumeMounts"] = [m for m in template["volumeMounts"] if m["name"] != "models"]
     spec["store"] = f"s3://{s3.bucket}/{PREFIX}"
     spec["s3"]["endpoint"] = s3.endpoint_url
     spec["s3"]["region"] = s3.region
@@ -43,29 +51,20 @@ def _library_spec(doc: dict, store: str):
     from darwinlm.spec import load_spec
     from darwinlm_operator.kspec import KUBERNETES_FIELDS
 
-    from darwinlm.provision import default_cache_dir
-
     data = {k: v for k, v in doc["spec"].items() if k not in KUBERNETES_FIELDS}
-    text = json.dumps(data).replace('"/models/', f'"{default_cache_dir()}/')
-    data = json.loads(text)
     data.update(name=doc["metadata"]["name"], store=store)
     return load_spec(data)
 
 
 def test_smollm2_quick_manifest_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s, namespace, s3,
                                                                       pod_runner, tmp_path):
-    from darwinlm.provision import default_cache_dir, model_dir
+    from darwinlm.provision import model_dir
 
     if not (model_dir() / "config.json").exists():
         pytest.skip("SmolLM2 not provisioned: run scripts/setup.sh")
     op, port = cluster
     generations = int(os.environ.get("DARWINLM_SLOW_GENERATIONS", "3"))
     doc = _example(s3, generations)
-    claim = doc["spec"]["podTemplate"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
-    pvc = pod_runner.work_dir / namespace / "pvc" / claim
-    pvc.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "text"):
-        (pvc / sub).symlink_to(default_cache_dir() / sub, target_is_directory=True)
     path = tmp_path / "smollm2-quick.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 

@@ -1349,7 +1349,7 @@ class Emulator(kmock.KubernetesEmulator):
         rp = tspec.get("restartPolicy")
         if rp not in ("Never", "OnFailure"):
             errs.append(("spec.template.spec.restartPolicy",
-                         f'Required value: valid values: "OnFailure", "Never"' if rp is None else
+                         'Required value: valid values: "OnFailure", "Never"' if rp is None else
                          f'Unsupported value: "{rp}": supported values: "OnFailure", "Never"'))
         for f in ("parallelism", "completions", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished",
                   "backoffLimitPerIndex", "maxFailedIndexes"):
