@@ -131,7 +131,9 @@ class PruningSearchStatus(SpecNode):
     offspringEvaluated: int | None = setting(None, ge=0)
     """Offspring evaluated so far, over all generations."""
     offspringFailed: int | None = setting(None, ge=0)
-    """Offspring evaluations that failed (then retried or counted as lost)."""
+    """Failed generation Job attempts. A generation's offspring are evaluated by its Job as a whole, so a
+    failure loses no offspring: the attempt is retried and re-evaluates them (the unit of the metric
+    ``darwinlm_generation_attempts_failed_total``)."""
     checkpointURI: str | None = None
     """Store URI of the last completed generation's state (where a resume continues)."""
     resultURI: str | None = None

@@ -33,7 +33,7 @@ from darwinlm.spec import API_VERSION
 
 from .creds import CredentialsError, StoreCache, StoreView, open_search_store
 from .conditions import parse_timestamp
-from .kspec import KubeSpec, load_psearch
+from .kspec import JobDefaults, KubeSpec, load_psearch
 from .metrics import Metrics
 from .reconcile import Decision, as_manifest, decide, job_outcome, status_patch
 from .render import LABEL_MANAGED_BY, LABEL_SEARCH, LABEL_SEARCH_UID, MANAGED_BY
@@ -57,13 +57,20 @@ class OperatorConfig:
     """The liveness probe fails when searches exist but none was reconciled for this many seconds."""
     max_backoff: float = 60.0
     """Longest wait (seconds) between reconciles of a search whose reconcile keeps failing."""
+    job_defaults: JobDefaults = dataclasses.field(default_factory=JobDefaults)
+    """Job image and pull policy of searches that set no spec.image/spec.imagePullPolicy
+    (DARWINLM_JOB_IMAGE, DARWINLM_JOB_IMAGE_PULL_POLICY: the chart's jobImage); empty = none."""
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
+        """The settings from DARWINLM_* variables; ValueError when one is malformed (at startup)."""
         env = os.environ
+        jobs = JobDefaults(image=env.get("DARWINLM_JOB_IMAGE", "").strip() or None,
+                           image_pull_policy=env.get("DARWINLM_JOB_IMAGE_PULL_POLICY", "").strip() or None)
         return cls(interval=float(env.get("DARWINLM_RECONCILE_INTERVAL", cls.interval)),
                    metrics_port=int(env.get("DARWINLM_METRICS_PORT", cls.metrics_port)),
-                   stale_after=float(env.get("DARWINLM_STALE_AFTER", cls.stale_after)))
+                   stale_after=float(env.get("DARWINLM_STALE_AFTER", cls.stale_after)),
+                   job_defaults=jobs)
 
 
 CONFIG = OperatorConfig()
@@ -181,7 +188,8 @@ def reconcile_once(kube: Kube, ns: str, name: str, memo: dict,
         return None
     jobs = kube.list_jobs(ns, name)
     pods = kube.list_pods(ns, cr["metadata"]["uid"]) if _needs_pods(cr, jobs, now) else []
-    decision = decide(cr, jobs, pods, _store_view(kube, cr, memo), now or _dt.datetime.now(_dt.timezone.utc))
+    decision = decide(cr, jobs, pods, _store_view(kube, cr, memo), now or _dt.datetime.now(_dt.timezone.utc),
+                      defaults=CONFIG.job_defaults)
     for obj in decision.create:
         kube.create(obj)
     for job in decision.delete:
@@ -301,6 +309,8 @@ def _report_error(ns: str, name: str, exc: Exception, last: str) -> str:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     global CONFIG
     CONFIG = OperatorConfig.from_env()
+    log.info("default job image (for searches without spec.image): %s",
+             CONFIG.job_defaults.image or "none: such searches are Invalid (set DARWINLM_JOB_IMAGE)")
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="darwinlm.io")

@@ -41,6 +41,7 @@ __all__ = [
     "KUBERNETES_FIELDS", "LIBRARY_LIMITS", "KubeSpec", "ResourceRequirements", "PodTemplateOverrides",
     "Toleration", "LocalObjectReference", "EnvVar", "S3Spec", "S3SecretRef", "FrozenMap",
     "Quantity", "Rule", "NODE_RULES", "load_psearch", "load_kube_spec", "kube_spec_to_dict", "parse_quantity",
+    "JobDefaults", "job_image", "PULL_POLICIES", "DEFAULT_PULL_POLICY",
 ]
 
 Quantity = NewType("Quantity", str)
@@ -55,6 +56,9 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # and with whole exponents of at most two digits (Kubernetes cannot parse the others either).
 QUANTITY = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][-+]?[0-9]{1,2}))?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+IMAGE_REFERENCE = r"^\S+$"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+DEFAULT_PULL_POLICY = "IfNotPresent"  # when neither the spec nor the operator names a pull policy
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 HTTP_URL = r"^https?://[^\s/?#]+(/\S*)?$"
 MAX_STRING = 4096  # CRD maxLength of library strings that declare none (keeps CEL cost estimable)
@@ -524,12 +528,16 @@ class S3Spec(SpecNode):
 class KubeSpec(SpecNode):
     """The Kubernetes-only top-level fields of a PruningSearch spec (how the search runs)."""
 
-    image: str = setting(pattern=r"^\S+$", max_length=1024,
-                         message="must be an image reference without spaces")
-    """Container image of the job pods (required), e.g. ghcr.io/org/darwinlm-job:0.1.0 or a
-    digest. It must contain the same darwinlm version as the operator (same algorithm)."""
-    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    """When the kubelet pulls `image`: Always, IfNotPresent (default; pin tags or digests) or Never."""
+    image: str | None = setting(None, pattern=IMAGE_REFERENCE, max_length=1024,
+                                message="must be an image reference without spaces")
+    """Container image of the job pods, e.g. ghcr.io/org/darwinlm-job:0.1.0 or a digest; null = the
+    operator's job image (DARWINLM_JOB_IMAGE, set by the Helm chart from jobImage: the job image of
+    the operator's version). It must contain the same darwinlm version as the operator (same
+    algorithm). When neither is set, the search fails with condition Invalid naming spec.image."""
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """When the kubelet pulls `image`: Always, IfNotPresent (pin tags or digests) or Never; null =
+    the operator's default (DARWINLM_JOB_IMAGE_PULL_POLICY, the chart's jobImage.pullPolicy), else
+    IfNotPresent."""
     workers: int = setting(1, ge=1, le=1024)
     """Pods per generation Job: the torch.distributed world size (one rank per pod). Each rank
     evaluates its share of the offspring; the result does not depend on it. Default 1."""
@@ -581,6 +589,43 @@ class KubeSpec(SpecNode):
 
 KUBERNETES_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(KubeSpec))
 """The top-level ``spec`` keys that belong to :class:`KubeSpec` (the library ignores them)."""
+
+
+# ----------------------------------------------------------------------------- the operator's defaults
+
+@dataclasses.dataclass(frozen=True)
+class JobDefaults:
+    """What the operator fills in where a search leaves ``image``/``imagePullPolicy`` unset.
+
+    The operator reads them once from its environment (``handlers.OperatorConfig.from_env``:
+    DARWINLM_JOB_IMAGE and DARWINLM_JOB_IMAGE_PULL_POLICY, which the Helm chart sets from
+    ``jobImage``: the job image of the operator's version). ``ValueError`` when a value is malformed.
+    """
+
+    image: str | None = None
+    """Job image for searches without ``spec.image``; None = such searches are Invalid."""
+    image_pull_policy: str | None = None
+    """Pull policy for searches without ``spec.imagePullPolicy``; None = IfNotPresent."""
+
+    def __post_init__(self) -> None:
+        if self.image is not None and (len(self.image) > 1024 or not re.search(IMAGE_REFERENCE, self.image)):
+            raise ValueError(f"the default job image must be an image reference without spaces "
+                             f"(at most 1024 characters), got {self.image!r}")
+        if self.image_pull_policy is not None and self.image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"the default job image pull policy must be one of {', '.join(PULL_POLICIES)}, "
+                             f"got {self.image_pull_policy!r}")
+
+
+def job_image(kube: KubeSpec, defaults: JobDefaults | None = None) -> tuple[str, str]:
+    """``(image, imagePullPolicy)`` of a search's job pods: the spec's own values win, then the
+    operator's ``defaults``, then IfNotPresent for the policy. ``SpecError`` at ``image`` when
+    neither the spec nor the operator names an image."""
+    defaults = defaults or JobDefaults()
+    image = kube.image or defaults.image
+    if not image:
+        raise SpecError([("image", ("required: the search sets no image and the operator has no default "
+                                    "job image (DARWINLM_JOB_IMAGE, set by the Helm chart from jobImage)"))])
+    return image, kube.imagePullPolicy or defaults.image_pull_policy or DEFAULT_PULL_POLICY
 
 
 # ----------------------------------------------------------------------------- library limits

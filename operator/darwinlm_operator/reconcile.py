@@ -9,8 +9,9 @@ handlers apply the returned Decision idempotently (create-if-absent by determini
 
 Rules, in order:
 
-1. A spec that fails validation (or differs from the spec the store's search was started with):
-   phase Failed, condition Invalid naming the field(s), no Jobs. Fixing the spec continues the search.
+1. A spec that fails validation (or differs from the spec the store's search was started with, or
+   names no image while the operator has no default job image): phase Failed, condition Invalid
+   naming the field(s), no Jobs. Fixing the spec continues the search.
 2. Finished Jobs are accounted once in ``status.attempts`` (job name -> outcome, reason, whether the
    failure counts, GPU-seconds, spec generation). Eviction, a DisruptionTarget condition or
    preemption do not count; exit code 2 is permanent; anything else counts against backoffLimit.
@@ -43,7 +44,7 @@ from darwinlm.spec import spec_to_dict
 from . import conditions as C
 from .jobstate import (attempt_of, classify_failure, first_error_line, get, is_deleting, job_end,  # noqa: F401
                        job_outcome, job_usage, pending_timeout)
-from .kspec import load_psearch
+from .kspec import JobDefaults, job_image, load_psearch
 from .render import LABEL_SEARCH_UID, LABEL_TASK, render_job, render_service
 
 __all__ = ["Decision", "Event", "StoreView", "decide", "as_manifest", "job_outcome", "classify_failure",
@@ -103,6 +104,8 @@ class _Ctx:
     out: Decision
     spec: Any = None
     kspec: Any = None
+    defaults: JobDefaults | None = None  # the operator's job image / pull policy (spec values win)
+    image: str | None = None  # the job image in effect (spec.image, else the operator's default)
 
     @property
     def gen(self) -> int | None:
@@ -134,16 +137,18 @@ class _Ctx:
 
 
 def decide(cr: Mapping, jobs: list[Mapping], pods: list[Mapping], store: StoreView | None,
-           now: _dt.datetime) -> Decision:
+           now: _dt.datetime, defaults: JobDefaults | None = None) -> Decision:
     """The next step for PruningSearch ``cr`` (see the module docstring for the rules).
 
     ``jobs``/``pods``: the Jobs and Pods of its namespace (others' are ignored, by owner uid);
-    ``store``: a view of its store prefix, or None when the spec is invalid (nothing is read).
+    ``store``: a view of its store prefix, or None when the spec is invalid (nothing is read);
+    ``defaults``: the operator's job image and pull policy, for a spec that sets none.
     """
     old = dict(get(cr, "status", default={}))
     uid = get(cr, "metadata", "uid")
     owned = [j for j in jobs if _owned(j, uid)]
-    ctx = _Ctx(cr, owned, pods, store, now, old, {k: old[k] for k in _OWNED if k in old}, Decision())
+    ctx = _Ctx(cr, owned, pods, store, now, old, {k: old[k] for k in _OWNED if k in old}, Decision(),
+               defaults=defaults)
     ctx.status["attempts"] = dict(old.get("attempts") or {})
     if get(cr, "metadata", "deletionTimestamp"):
         return ctx.finish()  # being deleted: garbage collection and the finalizer do the rest
@@ -157,6 +162,10 @@ def decide(cr: Mapping, jobs: list[Mapping], pods: list[Mapping], store: StoreVi
     if _terminal(ctx):
         return ctx.finish()
     conflict = _spec_conflict(ctx.spec, store)
+    try:  # checked after _terminal: a finished search needs no image (and its TTL still runs)
+        ctx.image, _ = job_image(ctx.kspec, defaults)
+    except SpecError as e:  # neither spec.image nor the operator's default job image
+        conflict += e.errors
     if conflict:
         _invalid(ctx, conflict)
         return ctx.finish()
@@ -385,7 +394,7 @@ def _drive(ctx: _Ctx, task: Task) -> bool:
     tjobs = [j for j in ctx.jobs if get(j, "metadata", "labels", LABEL_TASK) == task.name]
     live = [j for j in tjobs if job_outcome(j) is None and not is_deleting(j)]
     if live:
-        stuck = pending_timeout(live, ctx.pods, ctx.now, ctx.kspec.podStartTimeoutSeconds, ctx.kspec.image)
+        stuck = pending_timeout(live, ctx.pods, ctx.now, ctx.kspec.podStartTimeoutSeconds, ctx.image)
         if stuck:
             _fail(ctx, *stuck)
         return bool(stuck)
@@ -411,7 +420,8 @@ def _drive(ctx: _Ctx, task: Task) -> bool:
     start = C.parse_timestamp(ctx.status.get("startTime")) or ctx.now
     limit = ctx.kspec.activeDeadlineSeconds
     left = None if limit is None else int(limit - (ctx.now - start).total_seconds())
-    job = render_job(ctx.cr, ctx.kspec, ctx.spec, task, attempt, active_deadline_seconds=left)
+    job = render_job(ctx.cr, ctx.kspec, ctx.spec, task, attempt, active_deadline_seconds=left,
+                     defaults=ctx.defaults)
     if job["spec"]["parallelism"] > 1 and not any(o["kind"] == "Service" for o in ctx.out.create):
         ctx.out.create.append(render_service(ctx.cr))
     ctx.out.create.append(job)

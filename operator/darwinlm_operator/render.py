@@ -11,7 +11,9 @@ handlers only ``create`` what this returns. Nothing here talks to the API or rea
   classifies failures), a hardened pod (non-root, read-only root file system, no capabilities,
   seccomp RuntimeDefault; writable emptyDirs at /tmp, /cache and /dev/shm), the job entrypoint
   ``python -m darwinlm_jobs.<kind>``, the resolved spec in ``DARWINLM_SPEC`` and S3 credentials only
-  as ``secretKeyRef`` (their values never pass through the operator or the object).
+  as ``secretKeyRef`` (their values never pass through the operator or the object). The image is
+  ``spec.image``, else the operator's default job image (:class:`~.kspec.JobDefaults`, passed in by
+  the caller: nothing here reads the environment).
 * A generation task with ``workers`` W > 1 becomes an Indexed Job (completions = parallelism = W)
   whose pods find rank 0 at ``<job>-0.<service>`` through the headless Service of
   :func:`render_service` (one per search); ``JOB_COMPLETION_INDEX`` is the rank.
@@ -27,6 +29,8 @@ from typing import Any
 
 from darwinlm.plan import Task
 from darwinlm.spec import API_VERSION, KIND, spec_to_dict
+
+from .kspec import JobDefaults, job_image
 
 __all__ = [
     "MANAGED_BY", "LABEL_MANAGED_BY", "LABEL_SEARCH", "LABEL_SEARCH_UID", "LABEL_TASK",
@@ -207,15 +211,16 @@ def _volumes(kspec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
-def _pod_spec(cr, kspec, spec, task: Task, job: str) -> dict[str, Any]:
+def _pod_spec(cr, kspec, spec, task: Task, job: str, defaults: JobDefaults | None) -> dict[str, Any]:
+    image, pull_policy = job_image(kspec, defaults)
     pod_sec, ctr_sec = _security()
     volumes, mounts = _volumes(kspec)
     resources = {k: _plain(v) for k, v in (("requests", kspec.resources.requests),
                                            ("limits", kspec.resources.limits)) if v}
     container = {
         "name": "task",
-        "image": kspec.image,
-        "imagePullPolicy": kspec.imagePullPolicy,
+        "image": image,
+        "imagePullPolicy": pull_policy,
         "command": _command(task),
         "env": _env(cr, kspec, spec, task, job),
         "resources": resources,
@@ -247,12 +252,15 @@ def _pod_spec(cr, kspec, spec, task: Task, job: str) -> dict[str, Any]:
 
 
 def render_job(cr: Mapping[str, Any], kspec, spec, task: Task, attempt: int, *,
-               active_deadline_seconds: int | None = None) -> dict[str, Any]:
+               active_deadline_seconds: int | None = None,
+               defaults: JobDefaults | None = None) -> dict[str, Any]:
     """The ``batch/v1`` Job running ``task`` (attempt ``attempt``) of the PruningSearch ``cr``.
 
     ``cr`` is the resource body (metadata.name/namespace/uid are used), ``kspec``/``spec`` its two
     validated halves. ``active_deadline_seconds`` (the time left of the search's deadline) bounds
-    the Job too, so the kubelet stops it even when the operator is down.
+    the Job too, so the kubelet stops it even when the operator is down. ``defaults``: the
+    operator's job image and pull policy, used where the spec sets none (``kspec.job_image``;
+    ``SpecError`` at ``image`` when neither names an image).
     """
     meta = cr["metadata"]
     name = job_name(meta["name"], task, attempt)
@@ -271,7 +279,8 @@ def render_job(cr: Mapping[str, Any], kspec, spec, task: Task, attempt: int, *,
             # evictions/preemptions: Kubernetes replaces the pod without counting a failure
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
-        "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(cr, kspec, spec, task, name)},
+        "template": {"metadata": {"labels": pod_labels},
+                     "spec": _pod_spec(cr, kspec, spec, task, name, defaults)},
     }
     if workers > 1:
         job_spec["completionMode"] = "Indexed"

@@ -295,7 +295,12 @@ def test_names_and_shape():
     assert status["kopf"]["x-kubernetes-preserve-unknown-fields"] is True
     spec_props = SCHEMA["properties"]["spec"]["properties"]
     assert set(KUBERNETES_FIELDS) <= set(spec_props) and "name" not in spec_props
-    assert "image" in SCHEMA["properties"]["spec"]["required"]
+    # image and imagePullPolicy are optional (the operator's job image fills them in) and the API
+    # server must not default the pull policy: a stored IfNotPresent would hide the operator's.
+    assert "image" not in SCHEMA["properties"]["spec"]["required"]
+    assert spec_props["image"]["nullable"] is True and "default" not in spec_props["image"]
+    assert spec_props["imagePullPolicy"]["enum"] == ["Always", "IfNotPresent", "Never"]
+    assert "default" not in spec_props["imagePullPolicy"]
 
 
 def _walk(schema: dict[str, Any], path: str):

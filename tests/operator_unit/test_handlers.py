@@ -9,6 +9,7 @@ import sys
 from darwinlm.plan import Task
 from darwinlm_operator import handlers
 from darwinlm_operator.creds import StoreView
+from darwinlm_operator.kspec import JobDefaults
 
 from . import FakeStore, at, job_status, make_cr, ts
 
@@ -151,3 +152,39 @@ def test_deleting_search_reads_no_store():
     cr = make_cr()
     cr["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert handlers._store_view(None, cr, {}) is None
+
+
+def test_the_job_image_settings_come_from_the_environment(monkeypatch):
+    import pytest
+
+    for var in ("DARWINLM_JOB_IMAGE", "DARWINLM_JOB_IMAGE_PULL_POLICY"):
+        monkeypatch.delenv(var, raising=False)
+    assert handlers.OperatorConfig.from_env().job_defaults == JobDefaults()
+    monkeypatch.setenv("DARWINLM_JOB_IMAGE", "ghcr.io/darwinlm/darwinlm-job:0.2.0")
+    monkeypatch.setenv("DARWINLM_JOB_IMAGE_PULL_POLICY", "Always")
+    assert handlers.OperatorConfig.from_env().job_defaults == JobDefaults(
+        image="ghcr.io/darwinlm/darwinlm-job:0.2.0", image_pull_policy="Always")
+    monkeypatch.setenv("DARWINLM_JOB_IMAGE", "  ")  # empty = no default job image
+    monkeypatch.setenv("DARWINLM_JOB_IMAGE_PULL_POLICY", "")
+    assert handlers.OperatorConfig.from_env().job_defaults == JobDefaults()
+    monkeypatch.setenv("DARWINLM_JOB_IMAGE_PULL_POLICY", "sometimes")
+    with pytest.raises(ValueError, match="pull policy"):
+        handlers.OperatorConfig.from_env()  # refused at startup, not per search
+
+
+def test_reconcile_uses_the_operators_job_image(monkeypatch):
+    cr = make_cr()
+    del cr["spec"]["image"]
+    monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig())  # no default job image
+    kube = FakeKube(cr)
+    _reconcile(kube, FakeStore(), monkeypatch)
+    assert kube.jobs == {} and kube.cr["status"]["phase"] == "Failed"
+    invalid = next(c for c in kube.cr["status"]["conditions"] if c["type"] == "Invalid")
+    assert invalid["status"] == "True" and invalid["message"].startswith("spec.image: ")
+    monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig(
+        job_defaults=JobDefaults(image="ghcr.io/darwinlm/darwinlm-job:0.2.0", image_pull_policy="Always")))
+    _reconcile(kube, FakeStore(), monkeypatch, t=2)
+    (job,) = kube.jobs.values()
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == ("ghcr.io/darwinlm/darwinlm-job:0.2.0", "Always")
+    assert kube.cr["status"]["phase"] == "Running"

@@ -8,7 +8,7 @@ import pytest
 
 from darwinlm.plan import Task
 from darwinlm_operator import conditions as C
-from darwinlm_operator.kspec import load_psearch
+from darwinlm_operator.kspec import JobDefaults, load_psearch
 from darwinlm_operator.reconcile import (classify_failure, decide, first_error_line, format_duration, job_outcome,
                                          status_patch)
 from darwinlm_operator.render import render_job
@@ -347,6 +347,51 @@ def test_invalid_spec_fails_naming_the_field_and_runs_nothing():
     assert _created(ok) == ["tiny-database-0-of-1-a1"]  # a0 was deleted: a new attempt number
     assert _cond(ok, C.INVALID)["status"] == "False" and _cond(ok, C.FAILED)["status"] == "False"
     assert ok.status["phase"] == "Running"
+
+
+def _no_image(**over):
+    cr = make_cr(**over)
+    del cr["spec"]["image"]
+    return cr
+
+
+def test_without_spec_image_the_operators_job_image_runs():
+    cr = _no_image()
+    d = decide(cr, [], [], FakeStore(), at(0), defaults=JobDefaults(image="ghcr.io/x/job:0.2.0"))
+    assert _created(d) == ["tiny-database-0-of-1-a0"] and d.status["phase"] == "Running"
+    (container,) = d.create[0]["spec"]["template"]["spec"]["containers"]
+    assert (container["image"], container["imagePullPolicy"]) == ("ghcr.io/x/job:0.2.0", "IfNotPresent")
+    assert _cond(d, C.INVALID)["status"] == "False"
+    # spec.image wins over the operator's default
+    d = decide(make_cr(), [], [], FakeStore(), at(0), defaults=JobDefaults(image="ghcr.io/x/job:0.2.0"))
+    assert d.create[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/darwinlm-job:0.1.0"
+
+
+def test_without_any_image_the_search_is_invalid_at_spec_image():
+    cr = _no_image()
+    for defaults in (None, JobDefaults(image_pull_policy="Always")):
+        d = decide(cr, [], [], FakeStore(), at(0), defaults=defaults)
+        assert d.create == []
+        inv = _cond(d, C.INVALID)
+        assert inv["status"] == "True" and inv["reason"] == C.SPEC_INVALID
+        assert inv["message"].startswith("spec.image: required") and "DARWINLM_JOB_IMAGE" in inv["message"]
+        assert d.status["phase"] == "Failed" and _cond(d, C.FAILED)["message"] == "invalid spec: spec.image"
+        assert C.SPEC_INVALID in _reasons(d)
+    # the operator restarted with a job image: the same spec continues (no spec change needed)
+    ok = decide(applied(cr, d), [], [], FakeStore(), at(10), defaults=JobDefaults(image="job:1"))
+    assert _created(ok) == ["tiny-database-0-of-1-a0"] and ok.status["phase"] == "Running"
+    assert _cond(ok, C.INVALID)["status"] == "False" and _cond(ok, C.FAILED)["status"] == "False"
+
+
+def test_a_finished_search_needs_no_image():
+    cr = _no_image(ttlSecondsAfterFinished=60, **{"posttrain.enabled": False})
+    store = FakeStore().done(DB, Task("export"), Task("evaluate"))
+    for g in range(3):
+        store.generation(g, best=0.1)
+    done = applied(cr, decide(cr, [], [], store, at(0), defaults=JobDefaults(image="job:1")))
+    assert done["status"]["phase"] == "Succeeded"
+    later = decide(done, [], [], store, at(60))  # an operator without a job image
+    assert later.delete_self and later.events == [] and _cond(later, C.INVALID)["status"] == "False"
 
 
 def test_a_changed_library_spec_is_refused_before_any_job():

@@ -7,10 +7,11 @@ import re
 
 import pytest
 
+from darwinlm.errors import SpecError
 from darwinlm.plan import Task
 from darwinlm.spec import load_spec
 from darwinlm_operator import render
-from darwinlm_operator.kspec import KUBERNETES_FIELDS, load_psearch
+from darwinlm_operator.kspec import KUBERNETES_FIELDS, JobDefaults, load_psearch
 
 from . import UID, make_cr
 
@@ -235,6 +236,58 @@ def test_pod_template_overrides():
     assert env["HF_HUB_OFFLINE"]["value"] == "0" and env["HOME"]["value"] == "/home/me"
     assert env["DARWINLM_SEARCH_UID"]["value"] == UID  # the operator's own variables win
     assert [e["name"] for e in _container(job)["env"]].count("HOME") == 1
+
+
+# ------------------------------------------------------------------------------ the job image
+
+DEFAULTS = JobDefaults(image="ghcr.io/darwinlm/darwinlm-job:0.2.0", image_pull_policy="Always")
+
+
+def _without_image(**over):
+    cr = make_cr(**over)
+    cr["spec"].pop("image")
+    spec, kspec = load_psearch(cr)
+    assert kspec.image is None and kspec.imagePullPolicy == over.get("imagePullPolicy")
+    return cr, spec, kspec
+
+
+def test_a_search_without_image_runs_the_operators_job_image():
+    cr, spec, kspec = _without_image()
+    job = render.render_job(cr, kspec, spec, Task("generation", 2), 0, defaults=DEFAULTS)
+    assert _container(job)["image"] == "ghcr.io/darwinlm/darwinlm-job:0.2.0"
+    assert _container(job)["imagePullPolicy"] == "Always"
+    # no operator pull policy: IfNotPresent
+    job = render.render_job(cr, kspec, spec, Task("export"), 0, defaults=JobDefaults(image="job:1"))
+    assert (_container(job)["image"], _container(job)["imagePullPolicy"]) == ("job:1", "IfNotPresent")
+    # the spec's pull policy wins over the operator's
+    cr, spec, kspec = _without_image(imagePullPolicy="Never")
+    job = render.render_job(cr, kspec, spec, Task("export"), 0, defaults=DEFAULTS)
+    assert (_container(job)["image"], _container(job)["imagePullPolicy"]) == (DEFAULTS.image, "Never")
+
+
+def test_spec_image_always_wins_over_the_operators_default():
+    cr, spec, kspec, job = _render()
+    assert _container(job)["image"] == "registry.example/darwinlm-job:0.1.0"
+    assert _container(job)["imagePullPolicy"] == "IfNotPresent"
+    job = render.render_job(cr, kspec, spec, Task("generation", 2), 0, defaults=DEFAULTS)
+    assert _container(job)["image"] == "registry.example/darwinlm-job:0.1.0"
+    assert _container(job)["imagePullPolicy"] == "Always"  # unset in the spec: the operator's policy
+
+
+def test_no_image_anywhere_is_a_spec_error_at_image():
+    cr, spec, kspec = _without_image()
+    for defaults in (None, JobDefaults(), JobDefaults(image_pull_policy="Always")):
+        with pytest.raises(SpecError) as info:
+            render.render_job(cr, kspec, spec, Task("export"), 0, defaults=defaults)
+        assert [p for p, _ in info.value.errors] == ["image"]
+        assert "DARWINLM_JOB_IMAGE" in str(info.value)
+
+
+@pytest.mark.parametrize("kw", [{"image": "my image:1"}, {"image": ""}, {"image": "x" * 1025},
+                                {"image_pull_policy": "always"}])
+def test_malformed_operator_defaults_are_refused(kw):
+    with pytest.raises(ValueError):
+        JobDefaults(**kw)
 
 
 def test_render_is_pure_and_json_serialisable():
