@@ -406,3 +406,50 @@ def test_seaweedfs_real_s3(seaweed_s3):
     seaweed_s3.secret_key = "wrong"
     with pytest.raises(Exception, match="SignatureDoesNotMatch|InvalidAccessKeyId|AccessDenied"):
         seaweed_s3.client(max_attempts=1).get_object(Bucket=seaweed_s3.bucket, Key="runs/x.json")
+
+
+# ---- server-side Tables (what `kubectl get` prints): the pure pieces, against the apiserver's rules ----
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (-5, "<invalid>"), (-1, "0s"), (0, "0s"), (119, "119s"), (120, "2m"), (303, "5m3s"), (600, "10m"),
+    (179 * 60 + 59, "179m"), (3 * 3600 + 60 * 7, "3h7m"), (8 * 3600, "8h"), (47 * 3600, "47h"),
+    (50 * 3600, "2d2h"), (9 * 86400, "9d"), (800 * 86400, "2y70d"), (9 * 365 * 86400, "9y"),
+])
+def test_human_duration_matches_apimachinery(seconds, text):
+    from tests.support.kmock_server import human_duration
+
+    assert human_duration(seconds) == text
+
+
+def test_jsonpath_subset_and_crd_cells():
+    import datetime
+
+    from tests.support.kmock_server import crd_cell, jsonpath_first
+
+    obj = {"metadata": {"name": "a", "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "status": {"phase": "Running", "bestFitness": 0.4375, "generationsDone": 2,
+                      "conditions": [{"type": "Ready", "status": "False"}, {"type": "Suspended", "status": "True"}]}}
+    assert jsonpath_first(obj, ".status.phase") == (True, "Running")
+    assert jsonpath_first(obj, '.status.conditions[?(@.type=="Suspended")].status') == (True, "True")
+    assert jsonpath_first(obj, ".status.eta") == (False, None)
+    assert jsonpath_first(obj, ".status.conditions[1].type") == (True, "Suspended")
+    now = datetime.datetime(2026, 1, 1, 0, 5, 3, tzinfo=datetime.UTC)
+    assert crd_cell("date", True, obj["metadata"]["creationTimestamp"], now) == "5m3s"
+    assert crd_cell("number", True, 0.4375) == 0.4375
+    assert crd_cell("integer", True, 2.0) == 2 and crd_cell("integer", True, True) is None
+    assert crd_cell("string", True, 3.0) == "3" and crd_cell("string", True, {"b": 1, "a": 2}) == '{"a":2,"b":1}'
+    assert crd_cell("string", False, None) is None  # kubectl prints <none>
+
+
+@pytest.mark.parametrize(("accept", "want"), [
+    ("application/json;as=Table;v=v1;g=meta.k8s.io,application/json", ("Table", "v1")),
+    ("application/json;as=Table;v=v1beta1;g=meta.k8s.io", ("Table", "v1beta1")),
+    ("application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io", ("PartialObjectMetadataList", "v1")),
+    ("application/json;as=Unknown;v=v1;g=example.io,application/json", None),
+    ("application/json", None),
+    (None, None),
+])
+def test_accept_negotiation(accept, want):
+    from tests.support.kmock_server import negotiate_as
+
+    assert negotiate_as(accept) == want
