@@ -230,12 +230,7 @@ def from_mapping(cls: type, data: Mapping, path: str, errors: Problems,
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = type_hints(cls)
-    for key in data:
-        if not isinstance(key, str):
-            errors.append((path, f"field names must be strings, got {key!r}"))
-        elif key not in fields and key not in ignore:
-            hint = did_you_mean(key, fields) or f"; allowed: {', '.join(fields)}"
-            errors.append((join(path, key), f"unknown field {key!r}{hint}"))
+    check_keys(data, fields, path, errors, ignore)
     kwargs, blocked = {}, False
     for name, f in fields.items():
         p = join(path, name)
@@ -249,8 +244,22 @@ def from_mapping(cls: type, data: Mapping, path: str, errors: Problems,
         elif f.default is MISSING and f.default_factory is MISSING:
             errors.append((p, f"required field missing (expected {describe(hints[name])})"))
             blocked = True
-    if blocked:
-        return INVALID
+    return INVALID if blocked else build_node(cls, kwargs, path, errors)
+
+
+def check_keys(data: Mapping, fields: typing.Collection[str], path: str, errors: Problems,
+               ignore: typing.Collection[str] = frozenset()) -> None:
+    """Record keys of ``data`` that are not strings or not among ``fields`` (nor ``ignore``)."""
+    for key in data:
+        if not isinstance(key, str):
+            errors.append((path, f"field names must be strings, got {key!r}"))
+        elif key not in fields and key not in ignore:
+            hint = did_you_mean(key, fields) or f"; allowed: {', '.join(fields)}"
+            errors.append((join(path, key), f"unknown field {key!r}{hint}"))
+
+
+def build_node(cls: type, kwargs: Mapping[str, Any], path: str, errors: Problems) -> Any:
+    """``cls(**kwargs)`` of converted values plus its node rules; ``INVALID`` when it refuses."""
     try:
         node = cls(**kwargs)
     except SpecError as e:  # a validating node (the root) has checked its whole subtree itself
