@@ -70,7 +70,8 @@ for p in (REPO / "operator", REPO):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-# importing tests.support.cluster points KUBECONFIG at a placeholder file (nothing reaches a real cluster)
+# importing tests.support.cluster points KUBECONFIG at a temporary kubeconfig for 127.0.0.1:9 until the
+# emulator starts (so nothing can reach a real cluster)
 from tests.support.cluster import (
     KUBECONFIG_PATH,
     EmulatorProcess,
@@ -78,18 +79,13 @@ from tests.support.cluster import (
     OperatorProcess,
     wait_for,
 )
+from tests.support.procs import free_port
 
 G, V, P = "darwinlm.io", "v1alpha1", "pruningsearches"
 CRD = REPO / "manifests" / "crd.yaml"
 LABEL_SEARCH, LABEL_TASK = "darwinlm.io/search", "darwinlm.io/task"
 HANDOFF_GOAL_S = 1.0
 RSS_GOAL_MB = 200.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _raise(op: OperatorProcess):
@@ -143,7 +139,7 @@ class Stack:
         return name
 
     def operator(self, namespace: str, probe_spec: dict) -> OperatorProcess:
-        env = {"DARWINLM_METRICS_PORT": str(_free_port())}
+        env = {"DARWINLM_METRICS_PORT": str(free_port())}
         if self.interval is not None:
             env["DARWINLM_RECONCILE_INTERVAL"] = str(self.interval)
         op = OperatorProcess("darwinlm_operator.handlers", namespace=namespace, kubeconfig=self.emulator.kubeconfig,
@@ -559,7 +555,7 @@ def main(argv=None) -> int:
             res["memory"] = bench_memory(stack, args, workdir)
     finally:
         stack.close()
-        shutil.rmtree(KUBECONFIG_PATH.parent, ignore_errors=True)  # the placeholder made by tests.support.cluster
+        shutil.rmtree(KUBECONFIG_PATH.parent, ignore_errors=True)  # the temporary kubeconfig of tests.support.cluster
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     for part in ("handoff", "memory"):

@@ -102,10 +102,8 @@ def tiny_spec_dict(assets: pathlib.Path, store: str, **over) -> dict:
         "posttrain": {"tokens": 256, "lr": 1e-4, "checkpoint_every": 2},
         "evaluation": {"heldout_tokens": 256},
     }
+    from darwinlm._spec_io import set_path
+
     for k, v in over.items():
-        cur = spec
-        parts = k.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = v
+        set_path(spec, k.split("."), v)
     return spec

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,11 @@ from darwinlm.distributed import DistributedShard, PeerFailure, WorldConfigError
 from darwinlm.plan import progress
 from darwinlm.spec import load_spec, with_overrides
 from darwinlm.store import open_store
+from tests.support.procs import free_port
 
 from ..conftest import tiny_spec_dict
 
 GENERATIONS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _state(store, g: int) -> dict:
@@ -46,7 +40,7 @@ def _state(store, g: int) -> dict:
 
 
 def _ranks(spec_path, store_uri, tasks: list[str], *, world_size: int = 2) -> list[subprocess.Popen]:
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
@@ -247,7 +241,7 @@ print(json.dumps(out))
 
 def test_real_gloo_exchange_and_error_forwarding():
     """Two real ranks over Gloo: pool-order scores from both, and a spec error on rank 1 reaches rank 0."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "JOB_COMPLETION_INDEX")}

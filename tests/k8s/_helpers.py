@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 from tests.conftest import tiny_spec_dict
 from tests.support.cluster import REPO_ROOT, wait_for
+from tests.support.procs import free_port
 
 CRD = REPO_ROOT / "manifests" / "crd.yaml"
 G, V, P = "darwinlm.io", "v1alpha1", "pruningsearches"
 SECRET_NAME = "darwinlm-s3"
 PREFIX = "runs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def manifest(name: str, assets, s3, **over) -> dict:

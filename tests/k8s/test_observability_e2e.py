@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -32,8 +31,9 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.k8s._helpers import apply_search, free_port, manifest, wait_phase
+from tests.k8s._helpers import apply_search, manifest, wait_phase
 from tests.support.cluster import REPO_ROOT, wait_for
+from tests.support.procs import free_port, stop_group
 
 DASHBOARD = REPO_ROOT / "charts" / "darwinlm" / "dashboards" / "darwinlm.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -77,13 +77,8 @@ class Prometheus:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc)
 
     def api(self, path: str, **params) -> dict:
         query = urllib.parse.urlencode(params, doseq=True)

@@ -12,6 +12,7 @@ import datetime as dt
 import pathlib
 from typing import Any
 
+from darwinlm._spec_io import set_path
 from darwinlm.plan import Task, done_key
 from tests.conftest import tiny_spec_dict
 
@@ -34,11 +35,7 @@ def cr_spec(**over: Any) -> dict:
     spec.update(image="registry.example/darwinlm-job:0.1.0",
                 s3={"secretRef": {"name": "s3-creds"}, "endpoint": "http://s3.example:9000"})
     for key, value in over.items():
-        node = spec
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        set_path(spec, key.split("."), value)
     return spec
 
 

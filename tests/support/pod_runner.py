@@ -71,13 +71,14 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable
+
+from tests.support.procs import free_port
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOG_PATH_ANNOTATION = "kmock-emulator/log-path"
@@ -88,12 +89,6 @@ _ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ranges(idx: set[int]) -> str:

@@ -32,15 +32,11 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterator
 
+from tests.support.procs import free_port, stop_group
+
 REGION = "us-east-1"
 ACCESS_KEY = "test"
 SECRET_KEY = "testsecret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
@@ -226,12 +222,12 @@ class MotoS3Process(_S3Base):
     """``moto_server`` as a subprocess behind a TCP gate on a fixed port, so it can be paused and cut off."""
 
     def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(tempfile.mkstemp(suffix=".moto.log")[1])
         self.proc: subprocess.Popen | None = None
         self.paused = False
-        self._moto_port = _free_port()
+        self._moto_port = free_port()
         self.gate = _TcpGate(self.port, self._moto_port)
 
     def _cmd(self) -> list[str]:
@@ -397,13 +393,8 @@ class SeaweedS3(_S3Base):
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGCONT)
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a paused server cannot handle SIGTERM
+            stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> "SeaweedS3":
