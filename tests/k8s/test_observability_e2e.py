@@ -196,6 +196,10 @@ def test_prometheus_scrapes_the_operator_and_every_panel_has_data(cluster, prome
     sel = f'namespace="{namespace}"'
     wait_for(lambda: prom.api("query", query=f'darwinlm_searches{{{sel},phase="Succeeded"}} == 1')["result"],
              30, "the Succeeded search scraped", interval=0.5)
+    # The phase can turn Succeeded from the evaluate task's marker in the store before its pod has exited
+    # and its Job is Complete; the Job's duration is recorded when the operator accounts the finished Job.
+    wait_for(lambda: prom.api("query", query='darwinlm_job_duration_seconds_count{kind="evaluate"} >= 1')["result"],
+             30, "the evaluate Job's duration scraped", interval=0.5)
     time.sleep(2 * SCRAPE_S)  # ...and a range query's last step (<= its end) is past that scrape
     t_end = time.time()
     print(f"\n[observability] search + scrapes: {t_end - t_start:.1f} s")
