@@ -389,8 +389,8 @@ def test_s3_outage_and_recovery(s3_process):
             impatient.get_object(Bucket=srv.bucket, Key="state.json")
     assert srv.client().get_object(Bucket=srv.bucket, Key="state.json")["Body"].read() == b"v1"
     # an outage that ends by itself: a patient client succeeds once the server is back
+    patient = srv.client(read_timeout=10, max_attempts=3)  # made first: building a client takes time too
     t = srv.outage_for(1.0, "hang")
-    patient = srv.client(read_timeout=10, max_attempts=3)
     t0 = time.monotonic()
     patient.put_object(Bucket=srv.bucket, Key="after.json", Body=b"v2")
     assert time.monotonic() - t0 >= 0.8
