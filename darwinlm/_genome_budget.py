@@ -157,3 +157,40 @@ def removed_params(space: SearchSpace, genome: Genome) -> int:
 def removed_fraction(space: SearchSpace, genome: Genome) -> float:
     """Removed parameters as a fraction of the *prunable* parameters (not of the whole model)."""
     return removed_params(space, genome) / prunable_params(space)
+
+
+def cheapest_genome(space: SearchSpace, sums: Mapping[str, int], cost: Mapping[str, Sequence[float]]) -> Genome:
+    """The genome with these per-group level sums whose summed per-layer ``cost`` is lowest.
+
+    ``cost[layer][level]`` is the cost of putting ``layer`` at ``level`` (e.g. its measured one-shot KL
+    when only that layer is pruned). Exact dynamic programming over each group's layers (knapsack with
+    an equality constraint): O(layers × sum × levels). Ties are broken by level order (the lower
+    level wins), so the result is deterministic.
+    """
+    sums = _checked_sums(space, sums)
+    for name in space.layers:
+        if name not in cost or len(cost[name]) != space.ladders[name].num_levels:
+            raise ValueError(f"cost of {name!r}: expected {space.ladders[name].num_levels} levels, "
+                             f"got {len(cost.get(name, ()))}")
+    levels = [0] * len(space.layers)
+    for group, total in sums.items():
+        idx = space.group_indices[group]
+        # best[k][s]: lowest cost of the first k layers with level sum s; choice[k][s]: level of layer k-1
+        inf = math.inf
+        best = np.full((len(idx) + 1, total + 1), inf)
+        best[0, 0] = 0.0
+        choice = np.zeros((len(idx) + 1, total + 1), dtype=np.int64)
+        for k, i in enumerate(idx, start=1):
+            row = np.asarray(cost[space.layers[i]], dtype=float)
+            for s in range(total + 1):
+                top = min(space.max_levels[i], s)
+                cands = best[k - 1, s - np.arange(top + 1)] + row[: top + 1]
+                j = int(np.argmin(cands))  # first minimum: the lowest level on ties
+                best[k, s], choice[k, s] = cands[j], j
+        if not math.isfinite(best[len(idx), total]):
+            raise InfeasibleTargetError(f"group {group!r}: no assignment reaches level sum {total}")
+        s = total
+        for k in range(len(idx), 0, -1):
+            levels[idx[k - 1]] = int(choice[k, s])
+            s -= int(choice[k, s])
+    return Genome(space, tuple(levels))

@@ -40,10 +40,20 @@ def cross_section_problems(s: Any) -> Problems:
              "data.calibration_tokens"),
             ("search.initial_tokens", s.search.initial_tokens, d.calibration_tokens,
              "data.calibration_tokens"),
+            ("search.sensitivity.tokens", s.search.sensitivity.tokens, d.calibration_tokens,
+             "data.calibration_tokens"),
+            ("search.tracking_tokens", s.search.tracking_tokens, d.calibration_tokens,
+             "data.calibration_tokens"),
             ("evaluation.heldout_tokens", s.evaluation.heldout_tokens, d.heldout_tokens,
              "data.heldout_tokens")):
         if n is not None and n > pool:
             out.append((path, f"{n} exceeds {pool_name} ({pool})"))
+    if s.search.init == "random" and s.search.initially_generated < 1:
+        out.append(("search.initially_generated", "must be >= 1 with search.init: random (how many random "
+                                                  "genomes to score), got 0"))
+    if s.search.init != "random" and s.search.initially_generated > 0:
+        out.append(("search.initially_generated", f"is only used with search.init: random, but init is "
+                                                  f"{s.search.init!r}; set init: random or remove it"))
     level = s.search.target.mean_level
     for ladder_name in ("attention", "mlp"):
         last = getattr(s.database, ladder_name).last_level()

@@ -4,7 +4,7 @@
     darwinlm validate SPEC.yaml               exit 0, or 2 listing every error with its field path
     darwinlm schema                           the spec's JSON Schema
     darwinlm plan SPEC.yaml                   the tasks that would run next
-    darwinlm database|search|posttrain|export|evaluate SPEC.yaml   run up to and including one phase
+    darwinlm database|sensitivity|search|posttrain|export|evaluate SPEC.yaml   run up to and including one phase
     darwinlm provision [model|text|all]       the example model and text into the cache dir
     darwinlm task SPEC.yaml TASK [TASK...]    exactly the named plan task(s) (a Kubernetes Job's command);
                                               torch.distributed from env (WORLD_SIZE, RANK...) when W > 1
@@ -227,12 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_spec("run", _cmd_run, "run everything (resumes when re-run)")
     with_spec("validate", _cmd_validate, "validate a spec")
     with_spec("plan", _cmd_plan, "print the next tasks")
-    for phase in ("database", "search", "posttrain", "export", "evaluate"):
+    for phase in ("database", "sensitivity", "search", "posttrain", "export", "evaluate"):
         with_spec(phase, _cmd_phase, f"run up to and including the {phase} phase")
     sp = with_spec("task", _cmd_task, "run exactly the named plan task(s), e.g. generation-3 (Kubernetes Jobs); "
                                       "one rank of a process group when WORLD_SIZE > 1")
     sp.add_argument("tasks", nargs="+", metavar="TASK",
-                    help="task name(s) as `darwinlm plan` prints them: database-K-of-N, generation-G, "
+                    help="task name(s) as `darwinlm plan` prints them: database-K-of-N, sensitivity-K-of-N, "
+                         "generation-G, "
                          "posttrain-VARIANT, export, evaluate; several run in order in one process")
     sp.add_argument("--uid", help="search uid: the store prefix becomes searches/<name>-<uid> (Kubernetes)")
     sp = sub.add_parser("schema", help="print the spec JSON Schema")

@@ -28,7 +28,8 @@ from .errors import SpecError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenPool", "Pools", "load_documents", "build_pools", "sample_exact", "sample_at_least"]
+__all__ = ["TokenPool", "Pools", "load_documents", "build_pools", "build_heldout_set", "sample_exact",
+           "sample_at_least"]
 
 _DATA_SEED = 0  # fixed on purpose: pools are part of the database key, independent of the search seed
 
@@ -96,7 +97,7 @@ def _bucket(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def _fill(name: str, docs: list[str], tokenizer, seq_len: int, budget: int) -> TokenPool:
+def _fill(name: str, docs: list[str], tokenizer, seq_len: int, budget: int, field_path: str | None = None) -> TokenPool:
     """Shuffle documents (fixed seed), tokenise lazily, chunk, stop at exactly ``budget`` tokens."""
     order = np.random.default_rng(_DATA_SEED).permutation(len(docs))
     chunks: list[torch.Tensor] = []
@@ -111,7 +112,7 @@ def _fill(name: str, docs: list[str], tokenizer, seq_len: int, budget: int) -> T
             total += len(piece)
             if total >= budget:
                 return TokenPool(name, tuple(chunks))
-    raise SpecError([(f"data.{name}_tokens", f"asked for {budget} tokens but the source has only {total}")])
+    raise SpecError([(field_path or f"data.{name}_tokens", f"asked for {budget} tokens but the source has only {total}")])
 
 
 def build_pools(data_spec, tokenizer) -> Pools:
@@ -141,6 +142,13 @@ def build_pools(data_spec, tokenizer) -> Pools:
         len(pools.finetune.chunks), pools.heldout.tokens, len(pools.heldout.chunks),
     )
     return pools
+
+
+def build_heldout_set(hs, tokenizer, seq_len: int, index: int) -> TokenPool:
+    """The token pool of one ``evaluation.extra_heldout`` entry (its documents in the fixed shuffled order)."""
+    path = f"evaluation.extra_heldout[{index}]"
+    docs = load_documents(hs.source, f"{path}.source")
+    return _fill(hs.name, docs, tokenizer, seq_len, hs.tokens, f"{path}.tokens")
 
 
 def sample_exact(pool: TokenPool, tokens: int, rng: np.random.Generator) -> list[torch.Tensor]:

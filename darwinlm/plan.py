@@ -5,17 +5,23 @@ way. Neither keeps state in memory: both call ``next_tasks`` again after anythin
 finishing, a crash, an operator restart) and get the remaining work. It only checks completion markers
 in the search's store, so it needs neither torch nor the model (the operator imports it).
 
-Order: ``database`` shards (parallel) → ``generation`` g = 0..G-1 (sequential) → ``posttrain`` of the
-searched model and of each trained baseline (parallel) → ``export`` → ``evaluate``.
+Order: ``database`` shards (parallel) → ``sensitivity`` shards (parallel; only with ``search.init:
+sensitivity``) → ``generation`` g = 0..G-1 (sequential; the generations after an early stop, recorded in
+``generations/stop.json``, count as done) → ``posttrain`` of the searched model and of each trained
+baseline (parallel) → ``export`` → ``evaluate``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Task", "done_key", "next_tasks", "all_tasks", "progress"]
+__all__ = ["Task", "done_key", "next_tasks", "all_tasks", "progress", "stopped_after", "generations_planned",
+           "STOP_KEY"]
 
-KINDS = ("database", "generation", "posttrain", "export", "evaluate")
+KINDS = ("database", "sensitivity", "generation", "posttrain", "export", "evaluate")
+
+STOP_KEY = "generations/stop.json"
+"""Written by the generation that ends the search early (``search.patience``): ``{"after": g, ...}``."""
 
 
 @dataclass(frozen=True, order=True)
@@ -28,8 +34,8 @@ class Task:
     @property
     def name(self) -> str:
         """A DNS-1123-friendly name, stable across runs (used for Kubernetes Job names)."""
-        if self.kind == "database":
-            return f"database-{self.index}-of-{self.count}"
+        if self.kind in ("database", "sensitivity"):
+            return f"{self.kind}-{self.index}-of-{self.count}"
         if self.kind == "generation":
             return f"generation-{self.index}"
         if self.kind == "posttrain":
@@ -39,9 +45,10 @@ class Task:
     @classmethod
     def parse(cls, name: str) -> "Task":
         parts = name.split("-")
-        if parts[0] == "database" and len(parts) == 4 and parts[2] == "of":
-            return cls("database", int(parts[1]), int(parts[3]))
-        if parts[0] == "generation" and len(parts) == 2:
+        if parts[0] in ("database", "sensitivity") and len(parts) == 4 and parts[2] == "of" \
+                and parts[1].isdigit() and parts[3].isdigit():
+            return cls(parts[0], int(parts[1]), int(parts[3]))
+        if parts[0] == "generation" and len(parts) == 2 and parts[1].isdigit():
             return cls("generation", int(parts[1]))
         if parts[0] == "posttrain" and len(parts) == 2:
             return cls("posttrain", variant=parts[1])
@@ -52,8 +59,8 @@ class Task:
 
 def done_key(task: Task) -> str:
     """The marker (relative to the search's store) whose existence means the task is complete."""
-    if task.kind == "database":
-        return f"database/shard-{task.index}-of-{task.count}.json"
+    if task.kind in ("database", "sensitivity"):
+        return f"{task.kind}/shard-{task.index}-of-{task.count}.json"
     if task.kind == "generation":
         return f"generations/{task.index:05d}/state.json"
     if task.kind == "posttrain":
@@ -75,6 +82,9 @@ def all_tasks(spec) -> list[list[Task]]:
     """Every task, as phases; tasks inside a phase may run in parallel."""
     K = spec.database.shards
     phases = [[Task("database", k, K) for k in range(K)]]
+    if spec.search.init == "sensitivity":
+        S = spec.search.sensitivity.shards
+        phases.append([Task("sensitivity", k, S) for k in range(S)])
     phases += [[Task("generation", g)] for g in range(spec.search.generations)]
     pt = [Task("posttrain", variant=v) for v in posttrain_variants(spec)]
     if pt:
@@ -83,17 +93,40 @@ def all_tasks(spec) -> list[list[Task]]:
     return phases
 
 
+def stopped_after(store) -> int | None:
+    """The last generation of a search that stopped early (``search.patience``), or None."""
+    return int(store.get_json(STOP_KEY)["after"]) if store.exists(STOP_KEY) else None
+
+
 def next_tasks(spec, store) -> list[Task]:
     """Tasks of the first unfinished phase that are not done; [] once everything is complete."""
+    stop: list[int | None] = []  # read once, and only when the generations are reached
+
+    def done(t: Task) -> bool:
+        if store.exists(done_key(t)):
+            return True
+        if t.kind != "generation":
+            return False
+        if not stop:
+            stop.append(stopped_after(store))
+        return stop[0] is not None and t.index > stop[0]
+
     for phase in all_tasks(spec):
-        todo = [t for t in phase if not store.exists(done_key(t))]
+        todo = [t for t in phase if not done(t)]
         if todo:
             return todo
     return []
 
 
+def generations_planned(spec, store) -> int:
+    """Generations the search runs: ``search.generations``, or fewer once it stopped early."""
+    stop = stopped_after(store)
+    return spec.search.generations if stop is None else min(spec.search.generations, stop + 1)
+
+
 def progress(spec, store) -> dict:
     """Counts for status displays: generations done, total, and whether the search is complete."""
-    gens = sum(store.exists(done_key(Task("generation", g))) for g in range(spec.search.generations))
-    return {"generations_done": gens, "generations": spec.search.generations,
-            "complete": not next_tasks(spec, store)}
+    total = generations_planned(spec, store)
+    gens = sum(store.exists(done_key(Task("generation", g))) for g in range(total))
+    return {"generations_done": gens, "generations": total,
+            "stopped_early": total < spec.search.generations, "complete": not next_tasks(spec, store)}

@@ -51,5 +51,6 @@ def run_phase(spec, kind: str, *, progress: Progress = no_progress, root=None) -
 
 
 def _before(kind: str) -> tuple[str, ...]:
-    order = ("database", "generation", "posttrain", "export", "evaluate")
-    return order[: order.index(kind)]
+    from .plan import KINDS
+
+    return KINDS[: KINDS.index(kind)]

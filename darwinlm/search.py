@@ -40,7 +40,8 @@ import torch
 from .adapter import adapter_for
 from .data import sample_at_least, sample_exact
 from .fitness import TeacherCache, fitness
-from .genome import Genome, SearchSpace, even_genome, level_sums_for_target, random_feasible_genome
+from .genome import (Genome, SearchSpace, cheapest_genome, even_genome, level_sums_for_target,
+                     random_feasible_genome)
 from .mutation import sample_offspring
 from .rng import derive_rng
 from .selection import Stage, run_selection
@@ -319,17 +320,33 @@ class Evaluator:
                 self._release(self._current.pop(worst.gid))
 
 
-def initial_parent(space: SearchSpace, spec, evaluate: Callable | None, pools) -> Genome:
-    """The generation-0 parent: the most even genome, or the best of ``initially_generated`` random ones."""
+def initial_parent(space: SearchSpace, spec, evaluate: Callable | None, pools, *,
+                   table: dict | None = None) -> tuple[Genome, dict]:
+    """Generation 0's parent (``search.init``) and a JSON record of how it was chosen.
+
+    sensitivity: the lowest summed cost of ``table["layers"]`` under the target's level sums; random: the
+    best of ``initially_generated`` random feasible genomes scored on ``initial_tokens``; even: the most
+    even genome (also the fallback when no evaluator is given)."""
     sums = target_sums(space, spec.search.target)
-    if spec.search.initially_generated <= 0 or evaluate is None:
-        return even_genome(space, sums)
+    init = spec.search.init
+    if init == "sensitivity":
+        if table is None:
+            raise ValueError("search.init is sensitivity but no sensitivity table was given")
+        cost = table["layers"]
+        genome = cheapest_genome(space, sums, cost)
+        even = even_genome(space, sums)
+        return genome, {"sensitivity": {
+            "key": table["key"], "tokens": table["tokens"], "dtype": table["dtype"],
+            "additive_cost": sum(cost[n][genome[n]] for n in space.layers),
+            "uniform_additive_cost": sum(cost[n][even[n]] for n in space.layers)}}
+    if init != "random" or evaluate is None:
+        return even_genome(space, sums), {}
     cands = [random_feasible_genome(space, sums, derive_rng(spec.seed, "init", i))
              for i in range(spec.search.initially_generated)]
     fit = sample_exact(pools.calibration, spec.search.initial_tokens, derive_rng(spec.seed, "init-batch"))
     scores = [evaluate(c, [], fit) for c in cands]
     best = min(range(len(cands)), key=lambda i: (scores[i], i))
-    return cands[best]
+    return cands[best], {"random": {"scores": scores, "chosen": best}}
 
 
 def nested_train_batches(pool, tokens: Sequence[int], rng: np.random.Generator,
@@ -378,10 +395,16 @@ class GenerationResult:
 
 
 def run_generation(g: int, parent: Genome, space: SearchSpace, spec, pools, evaluate: Callable,
-                   store, *, shard: Callable[[list], list] | None = None, progress=None) -> GenerationResult:
+                   store, *, shard: Callable[[list], list] | None = None, progress=None, stale_before: int = 0,
+                   track: Callable[[Genome], float] | None = None) -> GenerationResult:
     """Run generation ``g`` from ``parent`` and write its state. ``shard`` maps the list of a stage's
     (index, genome) work items to this worker's part and gathers everyone's scores (distributed case);
     by default every candidate is evaluated here.
+
+    ``stale_before``: consecutive generations before ``g`` in which the parent survived; the state records
+    the new count as ``stale``, and when it reaches ``search.patience`` the search stops after ``g``
+    (``plan.STOP_KEY`` is written before the state). ``track(winner)``: the winner's score on the fixed
+    tracking batch, recorded as ``tracking`` (only by the worker that writes the state).
 
     If ``evaluate`` has ``begin_stage(pool, keep)`` (:class:`Evaluator`), it is called before each stage
     with the stage's pool and its survivor count (0 at the last stage) and with ``([], 0)`` at the end, so
@@ -430,6 +453,10 @@ def run_generation(g: int, parent: Genome, space: SearchSpace, spec, pools, eval
             begin_stage([], 0)
     final = history[-1]
     best = final["scores"][final["kept"][0]]
+    stale = stale_before + 1 if winner == parent else 0
+    patience = sp.patience
+    stop = "patience" if patience is not None and stale >= patience and g + 1 < sp.generations else None
+    writer = shard is None or getattr(shard, "is_writer", True)
     state = {
         "generation": g,
         "parent": parent.to_dict(),
@@ -441,11 +468,23 @@ def run_generation(g: int, parent: Genome, space: SearchSpace, spec, pools, eval
         "evaluations": sum(len(h["scores"]) for h in history),
         "fitness_tokens": sum(s.fitness_tokens * len(h["scores"]) for s, h in zip(stages, history)),
         "finetune_tokens": sum(s.finetune_tokens * len(h["scores"]) for s, h in zip(stages, history)),
-        "seconds": round(time.time() - t0, 3),
+        "stale": stale,
+        "stop": stop,
     }
-    if shard is None or getattr(shard, "is_writer", True):
+    if track is not None and writer:
+        state["tracking"] = {"tokens": sp.tracking_tokens, "fitness": track(winner)}
+    state["seconds"] = round(time.time() - t0, 3)
+    if writer:
+        if stop is not None:
+            from .plan import STOP_KEY
+
+            store.put_json(STOP_KEY, {"after": g, "reason": stop, "patience": patience,
+                                      "message": f"the parent survived {stale} generations in a row "
+                                                 f"(search.patience = {patience})"})
         store.put_json(key, state)
-    log.info("generation %d: best fitness %s (%s), %d evaluated, %d reused, %.1fs", g, best,
+    log.info("generation %d: best fitness %s (%s), %d evaluated, %d reused, %.1fs%s%s", g, best,
              "parent kept" if winner == parent else "new parent", counter["evaluated"], counter["reused"],
-             time.time() - t0)
+             time.time() - t0,
+             f", tracking {state['tracking']['fitness']:.5f}" if "tracking" in state else "",
+             f"; stopping: {stop} ({stale} generations without a new parent)" if stop else "")
     return GenerationResult(state, counter["evaluated"])

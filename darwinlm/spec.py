@@ -34,8 +34,8 @@ from darwinlm.errors import SpecError
 
 __all__ = [
     "API_VERSION", "KIND", "PruningSearchSpec", "ModelSpec", "DataSpec", "SourceSpec",
-    "DatabaseSpec", "LadderSpec", "SearchSpec", "TargetSpec", "StageSpec", "FitnessSpec",
-    "FinetuneSpec", "PosttrainSpec", "ExportSpec", "EvaluationSpec", "load_spec",
+    "DatabaseSpec", "LadderSpec", "SearchSpec", "SensitivitySpec", "TargetSpec", "StageSpec", "FitnessSpec",
+    "FinetuneSpec", "PosttrainSpec", "ExportSpec", "EvaluationSpec", "HeldoutSetSpec", "load_spec",
     "spec_to_dict", "spec_hash", "with_overrides", "field_doc", "json_schema",
 ]
 
@@ -164,7 +164,7 @@ class TargetSpec(SpecNode):
 
     mean_level: float | None = setting(None, gt=0.0)
     """Mean database level per module group (the level budget is len(group)·mean_level; paper: 5
-    on 0..10). Non-integer values start from a random feasible genome (see initially_generated)."""
+    on 0..10). A non-integer value rounds each group's level sum (halves up)."""
     fraction: float | None = setting(None, gt=0.0, lt=1.0)
     """Fraction of the prunable parameters (attention + MLP) to remove, in (0, 1)."""
 
@@ -229,6 +229,22 @@ class FinetuneSpec(SpecNode):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SensitivitySpec(SpecNode):
+    """The per-layer sensitivity table behind ``search.init: sensitivity``."""
+
+    tokens: int = setting(512, ge=2)
+    """Calibration tokens every (layer, level) is scored on: the one-shot KL to the dense model when only
+    that layer is pruned to that level. Taken from the end of the calibration pool, so they are disjoint
+    from the database's Hessian tokens when the pool holds both."""
+    dtype: Dtype = "float32"
+    """Compute dtype of the measurement. float32 by default: in bfloat16 every entry carries a rounding
+    floor of ~0.003 KL with a spread of ~0.001, as large as the differences between the cheap levels
+    that the starting genome is chosen from (on SmolLM2 the bf16 table's genome was 9% worse)."""
+    shards: int = setting(1, ge=1)
+    """The table is measured in this many shards of contiguous block ranges (parallel jobs)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SearchSpec(SpecNode):
     """The (1+λ) evolutionary search with training-aware multi-stage selection."""
 
@@ -247,11 +263,28 @@ class SearchSpec(SpecNode):
     """How candidates are scored."""
     finetune: FinetuneSpec = setting(factory=FinetuneSpec)
     """How candidates are fine-tuned inside the stages."""
+    init: Literal["even", "random", "sensitivity"] = "sensitivity"
+    """Generation 0's parent. sensitivity = the genome whose summed per-layer sensitivity (one-shot KL
+    to the dense model with only that layer pruned, see `sensitivity`) is lowest under each group's
+    level sum, by dynamic programming; even = the most even spread of levels (the paper, the uniform
+    baseline); random = the best of `initially_generated` random feasible genomes (EvoPress)."""
+    sensitivity: SensitivitySpec = setting(factory=SensitivitySpec)
+    """How the sensitivity table is measured (init: sensitivity). It is stored next to the layer
+    database and shared by every search on that database with the same settings."""
     initially_generated: int = setting(0, ge=0)
-    """EvoPress initialisation: random feasible genomes scored before generation 0, the best
-    becomes the first parent. 0 = the deterministic even spread of levels."""
+    """init: random: how many random feasible genomes are scored before generation 0; the best
+    becomes the first parent (EvoPress initialisation). Must be >= 1 with init: random."""
     initial_tokens: int = setting(2048, ge=1)
-    """Calibration tokens each initial genome is scored on (used when initially_generated > 0)."""
+    """Calibration tokens each initial genome is scored on (init: random)."""
+    patience: int | None = setting(None, ge=1)
+    """Stop after this many consecutive generations in which the parent survived (no better genome
+    found); null = always run all `generations`, which then is a ceiling rather than a cost. The
+    decision is recorded in the store, so a resumed search stops at the same generation."""
+    tracking_tokens: int = setting(2048, ge=0)
+    """Tokens of one fixed batch of the calibration pool on which every generation's winner is scored
+    one-shot (no fine-tuning), and the uniform genome once: the search curve of the report, the
+    progress bar and the best-fitness metric, on one comparable scale. Selection still uses fresh
+    batches. 0 = no tracking."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -285,17 +318,40 @@ class ExportSpec(SpecNode):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class HeldoutSetSpec(SpecNode):
+    """A further held-out text the result is evaluated on (never used for selection or training)."""
+
+    name: str = setting(pattern=_DNS_LABEL, max_length=63, message=(
+        "must be a DNS-1123 label (lowercase letters, digits and '-', alphanumeric at both ends)"))
+    """Its name in the report (required), e.g. python-docs."""
+    source: SourceSpec
+    """Where its documents come from (required)."""
+    tokens: int = setting(8192, ge=2)
+    """Tokens evaluated (whole documents in a fixed order, cut into data.seq_len chunks)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluationSpec(SpecNode):
     """Final evaluation of the result on held-out documents."""
 
     heldout_tokens: int | None = setting(None, ge=1)
     """Held-out tokens to evaluate on; null = all of data.heldout_tokens."""
+    extra_heldout: tuple[HeldoutSetSpec, ...] = ()
+    """Further held-out texts, e.g. another domain, so a gain over uniform is not an artefact of one
+    corpus. Each is reported like the main held-out set, with its own confidence intervals."""
+    bootstrap: int = setting(2000, ge=0)
+    """Resamples of the paired bootstrap over held-out chunks behind the confidence intervals of
+    searched / uniform perplexity ratios (95%); 0 = no intervals."""
     baselines: tuple[Literal["dense", "uniform"], ...] = ("dense", "uniform")
     """Models evaluated next to the result: the dense model and the uniform level assignment."""
 
     def _problems(self) -> sf.Problems:
-        return [(f"baselines[{i}]", f"duplicate baseline {b!r}")
-                for i, b in enumerate(self.baselines) if b in self.baselines[:i]]
+        out = [(f"baselines[{i}]", f"duplicate baseline {b!r}")
+               for i, b in enumerate(self.baselines) if b in self.baselines[:i]]
+        names = [h.name for h in self.extra_heldout]
+        out += [(f"extra_heldout[{i}].name", "'heldout' names data.heldout; choose another name" if n == "heldout"
+                 else f"duplicate name {n!r}") for i, n in enumerate(names) if n in names[:i] or n == "heldout"]
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -35,7 +35,7 @@ def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) ->
         return ws.store.get_json(key)
     t0 = time.time()
     ws.record_spec()
-    fn = {"database": _database, "generation": _generation, "posttrain": _posttrain,
+    fn = {"database": _database, "sensitivity": _sensitivity, "generation": _generation, "posttrain": _posttrain,
           "export": _export, "evaluate": _evaluate}[task.kind]
     out = fn(ws, task, progress, shard) or {}
     out.setdefault("seconds", round(time.time() - t0, 3))
@@ -60,15 +60,35 @@ def _database(ws, task: Task, progress: Progress, _shard) -> dict:
     return {"key": ws.db_key, "layers": len(layers), "seconds": round(time.time() - t0, 3)}
 
 
+def _sensitivity(ws, task: Task, progress: Progress, _shard) -> dict:
+    from .database import shard_blocks
+    from .sensitivity import build_shard
+
+    spec = ws.spec
+    s = spec.search.sensitivity
+    chunks = ws.sensitivity_chunks
+    n_blocks = len(shard_blocks(ws.model.config.num_hidden_layers, task.index, task.count))
+    bar = progress(f"sensitivity {task.index + 1}/{task.count}", n_blocks * len(chunks))
+    out = build_shard(ws.model, ws.db, s, chunks, ws.root, ws.db_key, ws.sensitivity_key, task.index, task.count,
+                      progress=bar)
+    return {"key": ws.sensitivity_key, "database": ws.db_key, "blocks": out["blocks"],
+            "measured_blocks": len(out.get("measured", [])) if not out.get("reused") else 0,
+            "seconds": out["seconds"] if not out.get("reused") else 0.0}
+
+
 def _generation(ws, task: Task, progress: Progress, shard) -> dict:
     from .search import run_generation
 
     g = task.index
     sp = ws.spec.search
     total = sum(s.survivors for s in sp.selection[:-1]) + sp.offspring + 1
-    bar = progress(f"generation {g + 1}/{sp.generations}", total)
+    writer = shard is None or getattr(shard, "is_writer", True)
+    last = ws.last_tracking(g) if sp.tracking_tokens and writer else None
+    shown = f" · tracking {last:.4f}" if last is not None else ""
+    bar = progress(f"generation {g + 1}/{sp.generations}{shown}", total)
     res = run_generation(g, ws.parent_for(g), ws.space, ws.spec, ws.pools, ws.evaluator, ws.store,
-                         shard=shard, progress=bar)
+                         shard=shard, progress=bar, stale_before=ws.stale_before(g),
+                         track=ws.track if sp.tracking_tokens else None)
     return res.state  # the generation state is its own completion marker
 
 

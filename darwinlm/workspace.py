@@ -90,6 +90,31 @@ class Workspace:
         return LayerDatabase(self.root, self.db_key)
 
     @cached_property
+    def sensitivity_chunks(self):
+        from .sensitivity import sensitivity_chunks
+
+        return sensitivity_chunks(self.pools.calibration, self.spec.search.sensitivity.tokens)
+
+    @cached_property
+    def sensitivity_key(self) -> str:
+        from .sensitivity import table_key
+
+        return table_key(self.db_key, self.sensitivity_chunks, self.spec.search.sensitivity)
+
+    def sensitivity_table(self) -> dict:
+        """The sensitivity table (``search.init: sensitivity``), assembled once all its shards are complete."""
+        from .adapter import adapter_for
+        from .sensitivity import finalize
+
+        s = self.spec.search.sensitivity
+        meta = {"tokens": sum(int(c.numel()) for c in self.sensitivity_chunks), "dtype": s.dtype}
+        table = finalize(self.root, self.db_key, self.sensitivity_key, s.shards, adapter_for(self.model).num_layers,
+                         meta)
+        if table is None:
+            raise RuntimeError("the sensitivity table is incomplete: run the sensitivity tasks first")
+        return table
+
+    @cached_property
     def space(self):
         from .search import build_space
 
@@ -123,9 +148,36 @@ class Workspace:
 
         if self.store.exists("init.json"):
             return Genome.from_dict(self.space, self.store.get_json("init.json")["parent"])
-        parent = initial_parent(self.space, self.spec, self.evaluator, self.pools)
-        self.store.put_json("init.json", {"parent": parent.to_dict()})
+        table = self.sensitivity_table() if self.spec.search.init == "sensitivity" else None
+        parent, info = initial_parent(self.space, self.spec, self.evaluator, self.pools, table=table)
+        uniform = self.uniform_genome()
+        record = {"parent": parent.to_dict(), "init": self.spec.search.init, **info}
+        if self.spec.search.tracking_tokens:
+            record["tracking"] = {"tokens": self.spec.search.tracking_tokens, "parent": self.track(parent),
+                                  "uniform": self.track(uniform)}
+        self.store.put_json("init.json", record)
         return parent
+
+    def init_record(self) -> dict:
+        """``init.json``: generation 0's parent, how it was chosen, its and the uniform genome's tracking score."""
+        self.initial_parent()
+        return self.store.get_json("init.json")
+
+    @cached_property
+    def tracking_chunks(self):
+        from .data import sample_exact
+        from .rng import derive_rng
+
+        # seed 0, not the spec's: searches with different seeds are tracked on the same batch
+        return sample_exact(self.pools.calibration, self.spec.search.tracking_tokens, derive_rng(0, "tracking"))
+
+    def track(self, genome) -> float:
+        """The genome's one-shot fitness (no fine-tuning) on the fixed tracking batch."""
+        from .fitness import fitness
+
+        model = self.builder.shrunk(genome)
+        return float(fitness(self.spec.search.fitness.kind, model, self.tracking_chunks, self.teacher,
+                             self.spec.model.compute_dtype))
 
     def parent_for(self, g: int):
         """The parent generation ``g`` starts from (the winner of g-1)."""
@@ -136,8 +188,24 @@ class Workspace:
             return self.initial_parent()
         return Genome.from_dict(self.space, self.store.get_json(state_key(g - 1))["winner"])
 
+    def stale_before(self, g: int) -> int:
+        """Consecutive generations before ``g`` in which the parent survived (for ``search.patience``)."""
+        from .search import state_key
+
+        return int(self.store.get_json(state_key(g - 1)).get("stale", 0)) if g > 0 else 0
+
+    def last_tracking(self, g: int) -> float | None:
+        """The tracking score of generation ``g``'s parent (the winner of g-1, or the initial parent)."""
+        from .search import state_key
+
+        if g == 0:
+            return self.init_record().get("tracking", {}).get("parent")
+        return self.store.get_json(state_key(g - 1)).get("tracking", {}).get("fitness")
+
     def final_genome(self):
-        return self.parent_for(self.spec.search.generations)
+        from .plan import generations_planned
+
+        return self.parent_for(generations_planned(self.spec, self.store))
 
     def uniform_genome(self):
         from .genome import even_genome

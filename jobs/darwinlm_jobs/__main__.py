@@ -9,7 +9,7 @@ from ._common import parser, run
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("task", help="task name from the plan: database-K-of-N, generation-G, posttrain-V, export, evaluate")
+    p.add_argument("task", help="task name from the plan: database-K-of-N, sensitivity-K-of-N, generation-G, posttrain-V, export, evaluate")
     args = p.parse_args(argv)
     return run(Task.parse(args.task), args)
 

@@ -41,6 +41,7 @@ TYPES = (INVALID, RUNNING, SUSPENDED, RETRYING, SUCCEEDED, FAILED)
 SPEC_INVALID = "SpecInvalid"
 SPEC_VALID = "SpecValid"
 BUILDING_DATABASE = "BuildingDatabase"
+MEASURING_SENSITIVITY = "MeasuringSensitivity"
 SEARCHING = "Searching"
 POST_TRAINING = "PostTraining"
 EXPORTING = "Exporting"

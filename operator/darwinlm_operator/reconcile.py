@@ -26,7 +26,7 @@ Rules, in order:
    attempt ``<search>-<task>-a<n>`` (n = highest attempt seen in the ledger and the Jobs, plus one).
 
 ``status.phase`` is Running, Suspended, Succeeded or Failed; while Running, the reason of the Running
-condition (and ``status.message``) names the stage: BuildingDatabase, Searching, PostTraining, Exporting,
+condition (and ``status.message``) names the stage: BuildingDatabase, MeasuringSensitivity, Searching, PostTraining, Exporting,
 Evaluating. Job/Pod reading (outcome, failure class, stuck pods, GPU-seconds) lives in ``jobstate``;
 the status each rule writes (phase, conditions, progress, the merge patch) in ``status``; the Decision,
 StoreView and per-call context types in ``decision``. Every name stays importable from here.

@@ -134,6 +134,7 @@ def gpus_per_pod(kspec) -> int:
 
 def _command(task: Task) -> list[str]:
     args = {"database": ["--shard", str(task.index), "--shards", str(task.count)],
+            "sensitivity": ["--shard", str(task.index), "--shards", str(task.count)],
             "generation": ["--index", str(task.index)],
             "posttrain": ["--variant", task.variant]}.get(task.kind, [])
     return ["python", "-m", f"darwinlm_jobs.{task.kind}", *args]

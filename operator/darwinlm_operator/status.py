@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from darwinlm.plan import Task, done_key
+from darwinlm.plan import Task, done_key, generations_planned
 
 from . import conditions as C
 from .decision import _Ctx
@@ -24,7 +24,7 @@ from .render import LABEL_TASK
 
 __all__ = ["format_duration", "status_patch"]
 
-_STAGE_REASONS = {"database": C.BUILDING_DATABASE, "generation": C.SEARCHING, "posttrain": C.POST_TRAINING,
+_STAGE_REASONS = {"database": C.BUILDING_DATABASE, "sensitivity": C.MEASURING_SENSITIVITY, "generation": C.SEARCHING, "posttrain": C.POST_TRAINING,
                   "export": C.EXPORTING, "evaluate": C.EVALUATING}
 
 
@@ -147,7 +147,7 @@ def _progress(ctx: _Ctx, tasks: list[Task]) -> None:
     from darwinlm.plan import all_tasks
 
     spec, store, st = ctx.spec, ctx.store, ctx.status
-    total_g = spec.search.generations
+    total_g = generations_planned(spec, store)
     states = []
     while len(states) < total_g and store.exists(done_key(Task("generation", len(states)))):
         states.append(store.get_json(done_key(Task("generation", len(states)))) or {})
@@ -160,9 +160,11 @@ def _progress(ctx: _Ctx, tasks: list[Task]) -> None:
     evaluated = sum(int(s.get("evaluations") or 0) for s in states) + partial
     st.update(generation=f"{done_g}/{total_g}", generationsDone=done_g, generationsTotal=total_g,
               offspringEvaluated=evaluated)
-    st["bestFitness"] = _finite(states[-1].get("best_fitness")) if states else None
+    # the winner's score on the fixed tracking batch (comparable across generations) when the search tracks
+    last = states[-1] if states else {}
+    st["bestFitness"] = _finite((last.get("tracking") or {}).get("fitness", last.get("best_fitness")))
     secs = [float(s["seconds"]) for s in states if _finite(s.get("seconds")) is not None]
-    searching = bool(tasks) and tasks[0].kind in ("database", "generation")
+    searching = bool(tasks) and tasks[0].kind in ("database", "sensitivity", "generation")
     st["eta"] = format_duration(sum(secs) / len(secs) * (total_g - done_g)) if secs and searching else None
     st["checkpointURI"] = f"{store.uri}/{done_key(Task('generation', done_g - 1))}" if done_g else None
     ctx.out.metrics.update(progress=(tasks_done, evaluated), tasks=sum(len(ph) for ph in phases))

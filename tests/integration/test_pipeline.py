@@ -49,6 +49,52 @@ def test_artifacts_written(finished):
     assert genome.level_sums() == ws.uniform_genome().level_sums()
 
 
+def test_report_leads_with_the_comparison_and_tracks_every_winner(finished):
+    spec, ws = finished
+    summary = ws.store.get_json("result/summary.json")
+    report = ws.store.get_bytes("result/report.md").decode()
+    assert report.index("## Searched vs uniform at the same size") < report.index("## All models")
+    comps = {(c["set"], c["stage"]): c for c in summary["comparisons"]}
+    assert set(comps) == {("heldout", "one-shot"), ("heldout", "post-trained")}
+    for c in comps.values():
+        assert c["ci_low"] <= c["ratio"] <= c["ci_high"] and c["ci_low"] < c["ci_high"]
+        assert c["ratio"] == pytest.approx(c["searched_ppl"] / c["uniform_ppl"])
+    rows = {(r["model"], r["stage"]): r for r in summary["rows"]}
+    assert comps[("heldout", "one-shot")]["searched_ppl"] == rows[("searched", "one-shot")]["ppl"]
+    search = summary["search"]
+    assert search["init"] == "sensitivity" and search["generations_run"] == 4 and "ran all 4" in search["stopped"]
+    # the curve is the tracking score of each generation's winner: re-scoring the winner gives it again
+    for g, point in enumerate(search["curve"]):
+        state = ws.store.get_json(f"generations/{g:05d}/state.json")
+        assert point["tracking"] == state["tracking"]["fitness"]
+    last = ws.store.get_json("generations/00003/state.json")
+    assert ws.track(ws.final_genome()) == pytest.approx(last["tracking"]["fitness"], rel=1e-6)
+    assert search["uniform_tracking"] == pytest.approx(ws.track(ws.uniform_genome()), rel=1e-6)
+
+
+def test_patience_stops_where_the_parent_first_survives_long_enough(finished, tiny_assets, tmp_path):
+    """search.patience stops the search exactly where the uninterrupted run's parent first survived that
+    many generations in a row; the generations up to there are identical, the plan skips the rest."""
+    spec, ws = finished
+    survived = [ws.store.get_json(f"generations/{g:05d}/state.json")["parent_survived"] for g in range(4)]
+    assert any(survived[:3]), f"no generation kept its parent in the reference run: {survived}"
+    stop_at = survived.index(True)  # patience 1: the first parent-kept generation ends the search
+    s = _spec(tiny_assets, tmp_path, **{"search.generations": 4, "search.patience": 1})
+    again = run_search(s)
+    assert again.store.get_json("generations/stop.json")["after"] == stop_at
+    for g in range(4):
+        key = f"generations/{g:05d}/state.json"
+        if g <= stop_at:
+            assert again.store.get_json(key)["winner"] == ws.store.get_json(key)["winner"]
+        else:
+            assert not again.store.exists(key)
+    assert again.store.get_json("result/config.json") == \
+        ws.store.get_json(f"generations/{stop_at:05d}/state.json")["winner"]
+    summary = again.store.get_json("result/summary.json")
+    assert summary["search"]["generations_run"] == stop_at + 1 and "stopped early" in summary["search"]["stopped"]
+    assert "stopped early" in again.store.get_bytes("result/report.md").decode()
+
+
 def test_export_loads_with_stock_transformers_and_matches(finished, tmp_path):
     from transformers import AutoModelForCausalLM
 

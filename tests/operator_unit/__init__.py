@@ -29,9 +29,13 @@ def at(seconds: float) -> dt.datetime:
 
 
 def cr_spec(**over: Any) -> dict:
-    """A PruningSearch spec: the tiny test spec + image + S3 secretRef (Kubernetes fields)."""
+    """A PruningSearch spec: the tiny test spec + image + S3 secretRef (Kubernetes fields).
+
+    ``search.init: even`` unless overridden: the stories here go database -> generations; the sensitivity
+    phase between them has tests of its own."""
     spec = tiny_spec_dict(pathlib.Path("/assets"), "s3://bucket/prefix")
     spec.pop("name")
+    spec["search"]["init"] = "even"
     spec.update(image="registry.example/darwinlm-job:0.1.0",
                 s3={"secretRef": {"name": "s3-creds"}, "endpoint": "http://s3.example:9000"})
     for key, value in over.items():

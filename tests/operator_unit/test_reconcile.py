@@ -88,6 +88,28 @@ def test_parallel_shards_run_together():
     assert _created(d) == ["tiny-database-0-of-3-a0", "tiny-database-2-of-3-a0"]
 
 
+def test_the_sensitivity_phase_runs_between_the_database_and_the_search():
+    cr = make_cr(**{"search.init": "sensitivity", "search.sensitivity.shards": 2})
+    d = _run(cr, store=FakeStore().done(DB))
+    assert _created(d) == ["tiny-sensitivity-0-of-2-a0", "tiny-sensitivity-1-of-2-a0"]
+    assert _cond(d, C.RUNNING)["reason"] == C.MEASURING_SENSITIVITY
+    (container,) = d.create[1]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][-5:] == ["darwinlm_jobs.sensitivity", "--shard", "1", "--shards", "2"]
+    d = _run(cr, store=FakeStore().done(DB, Task("sensitivity", 0, 2), Task("sensitivity", 1, 2)))
+    assert _created(d) == ["tiny-generation-0-a0"] and _cond(d, C.RUNNING)["reason"] == C.SEARCHING
+
+
+def test_an_early_stop_shortens_the_search_and_best_fitness_is_the_tracking_score():
+    cr = make_cr(**{"search.generations": 10, "search.patience": 1})
+    store = FakeStore().done(DB).generation(0, best=0.9).generation(1, best=0.8)
+    store.keys["generations/00001/state.json"]["tracking"] = {"tokens": 256, "fitness": 0.75}
+    store.keys["generations/stop.json"] = {"after": 1, "reason": "patience"}
+    d = _run(cr, store=store, t=5)
+    assert _created(d) == ["tiny-posttrain-searched-a0", "tiny-posttrain-uniform-a0"]
+    assert d.status["generation"] == "2/2" and d.status["generationsTotal"] == 2
+    assert d.status["bestFitness"] == 0.75  # the fixed tracking batch, not the fresh selection batch
+
+
 def test_progress_fields_from_the_store():
     cr = make_cr()
     store = FakeStore().done(DB).generation(0, best=0.9, seconds=100, evaluations=7)

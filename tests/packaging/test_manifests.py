@@ -151,7 +151,8 @@ def test_example_jobs_render_and_validate(path):
     (doc,) = _docs(path)
     cr = {**doc, "metadata": {**doc["metadata"], "namespace": "ml", "uid": "0f0e0d0c-0000-4000-8000-000000000000"}}
     spec, kube = kspec.load_psearch(doc)
-    tasks = {"database": Task("database", 0, 2), "generation": Task("generation", 3),
+    tasks = {"database": Task("database", 0, 2), "sensitivity": Task("sensitivity", 1, 2),
+             "generation": Task("generation", 3),
              "posttrain": Task("posttrain", variant="searched"), "export": Task("export"),
              "evaluate": Task("evaluate")}
     assert set(tasks) == set(KINDS)

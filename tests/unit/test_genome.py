@@ -270,3 +270,52 @@ def test_parameter_accounting():
     assert prunable_params(space) == 4 * 100 + 10 * 3
     assert removed_params(space, g) == 1 * 100 + 10 * 3
     assert removed_fraction(space, g) == pytest.approx(130 / 430)
+
+
+# ---------------------------------------------------------------- cheapest genome (sensitivity start)
+
+
+def _brute_force(space, sums, cost):
+    import itertools
+
+    best = None
+    for levels in itertools.product(*[range(m + 1) for m in space.max_levels]):
+        g = Genome(space, levels)
+        if g.level_sums() != sums:
+            continue
+        c = sum(cost[n][g[n]] for n in space.layers)
+        if best is None or c < best[0] - 1e-12:
+            best = (c, g)
+    return best
+
+
+@FAST
+@given(st.data())
+def test_cheapest_genome_is_the_exact_optimum(data):
+    from darwinlm.genome import cheapest_genome
+
+    space = data.draw(spaces(max_groups=2, max_layers=3))
+    sums = {g: data.draw(st.integers(0, space.max_level_sum(g))) for g in space.groups}
+    cost = {n: [0.0] + data.draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=space.ladders[n].max_level,
+                                          max_size=space.ladders[n].max_level)) for n in space.layers}
+    g = cheapest_genome(space, sums, cost)
+    assert g.level_sums() == sums
+    best_cost, _ = _brute_force(space, sums, cost)
+    assert sum(cost[n][g[n]] for n in space.layers) == pytest.approx(best_cost, abs=1e-9)
+
+
+def test_cheapest_genome_prunes_the_cheap_layers_and_rejects_bad_tables():
+    from darwinlm.genome import cheapest_genome
+
+    space = uniform_space(n_layers=4, levels=5)
+    # layer i costs (i + 1) per level in both groups: the cheapest spread puts the budget on layer 0 first
+    cost = {n: [float((int(n.split(".")[2]) + 1) * lvl) for lvl in range(5)] for n in space.layers}
+    g = cheapest_genome(space, {"mlp": 6, "attn": 4}, cost)
+    assert [g[f"model.layers.{i}.mlp"] for i in range(4)] == [4, 2, 0, 0]
+    assert [g[f"model.layers.{i}.attn"] for i in range(4)] == [4, 0, 0, 0]
+    bad = dict(cost)
+    bad["model.layers.0.mlp"] = [0.0, 1.0]
+    with pytest.raises(ValueError, match="model.layers.0.mlp"):
+        cheapest_genome(space, {"mlp": 6, "attn": 4}, bad)
+    with pytest.raises(InfeasibleTargetError, match="mlp"):
+        cheapest_genome(space, {"mlp": 17, "attn": 4}, cost)

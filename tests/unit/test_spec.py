@@ -60,12 +60,15 @@ FULL = {
         "fitness": {"kind": "topk_kl", "topk": 256},
         "finetune": {"optimizer": "sgd", "lr": 1e-4, "weight_decay": 0.01, "betas": [0.8, 0.99],
                      "batch_size": 2, "mode": "mask"},
-        "initially_generated": 4, "initial_tokens": 1024,
+        "init": "random", "initially_generated": 4, "initial_tokens": 1024,
+        "sensitivity": {"tokens": 256, "dtype": "bfloat16", "shards": 2}, "patience": 5, "tracking_tokens": 1024,
     },
     "posttrain": {"enabled": False, "tokens": 5000, "lr": 3e-4, "warmup_steps": 0,
                   "batch_size": 4, "distill": 0.5, "temperature": 2.0, "checkpoint_every": 10},
     "export": {"dtype": "bfloat16"},
-    "evaluation": {"heldout_tokens": 4000, "baselines": ["uniform"]},
+    "evaluation": {"heldout_tokens": 4000, "baselines": ["uniform"], "bootstrap": 500,
+                   "extra_heldout": [{"name": "docs", "source": {"path": "/data/docs", "format": "text"},
+                                      "tokens": 2048}]},
 }
 MINIMAL = {"model": {"path": "m"}, "data": {"train": {"path": "d"}},
            "search": {"target": {"mean_level": 5}}}
