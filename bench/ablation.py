@@ -92,7 +92,7 @@ def _rows(summary: dict) -> dict:
 
 
 def _search_cost(ws) -> dict:
-    from darwinlm.search import state_key
+    from darwinlm.run.search import state_key
 
     secs, ft, evals = 0.0, 0, 0
     for g in range(ws.spec.search.generations):
@@ -105,8 +105,8 @@ def _search_cost(ws) -> dict:
 
 def _heldout_chunks(ws):
     """The held-out chunks ``report.evaluate_and_report`` scores on (the same for every variant)."""
-    from darwinlm.data import TokenPool, sample_exact
-    from darwinlm.rng import derive_rng
+    from darwinlm.llm.data import TokenPool, sample_exact
+    from darwinlm.core.rng import derive_rng
 
     chunks = list(ws.pools.heldout.chunks)
     if ws.spec.evaluation.heldout_tokens:
@@ -117,8 +117,8 @@ def _heldout_chunks(ws):
 
 def cross_evaluate(ws_ref, ws_d) -> dict:
     """Variant (d)'s models (one-shot and post-trained, searched and uniform) against the fp32 dense."""
-    from darwinlm.report import evaluate_models
-    from darwinlm.tasks import load_posttrained
+    from darwinlm.run.report import evaluate_models
+    from darwinlm.run.tasks import load_posttrained
 
     models = {("searched", "one-shot"): ws_d.builder.shrunk(ws_d.final_genome()),
               ("searched", "post-trained"): load_posttrained(ws_d, "searched")}
@@ -131,8 +131,8 @@ def cross_evaluate(ws_ref, ws_d) -> dict:
 
 
 def run(args) -> dict:
-    from darwinlm.runner import run_search
-    from darwinlm.workspace import Workspace
+    from darwinlm.run.runner import run_search
+    from darwinlm.run.workspace import Workspace
 
     base = load_spec(args.spec)
     specs = variant_specs(base, store=args.store, generations=args.generations, offspring=args.offspring)

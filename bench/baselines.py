@@ -13,14 +13,14 @@ reference (``src/fast_obc_struct.py``, ``FastOBCStruct.step``) computes it:
 
 Deliberate differences from the reference, so that both sides compute the same thing: float64 instead of
 float32 (SmolLM2's XᵀX is indefinite in float32, and the library works in float64), no device moves,
-no prints; the output is a ``darwinlm.obs.ObsResult`` (cumulative ρ, dense-shaped snapshots).
+no prints; the output is a ``darwinlm.llm.obs.ObsResult`` (cumulative ρ, dense-shaped snapshots).
 """
 
 from __future__ import annotations
 
 import torch
 
-from darwinlm.obs import ObsResult
+from darwinlm.llm.obs import ObsResult
 
 __all__ = ["obs_faithful"]
 

@@ -14,11 +14,11 @@ It deliberately shares the *math* of darwinlm's faithful path (``mode: mask``, `
 the two must give equal fitness values: fp32 master weights with autocast compute, gradients of the
 removed o_proj/down_proj columns masked and the columns re-zeroed after each step (the reference lets them
 revive, ALGORITHM.md §3.9.1), the spec's optimiser hyper-parameters, teacher log-probs stored in fp16,
-and the same token-weighted KL. The code is independent of ``darwinlm.search``/``train``/``fitness``
+and the same token-weighted KL. The code is independent of ``darwinlm.run.search``/``train``/``fitness``
 (only the model, database and autocast helpers are shared), so agreement checks those modules.
 
 ``ReferenceEvaluator`` has the ``evaluate(genome, train_chunks, fit_chunks) -> float`` signature of
-:func:`darwinlm.search.run_generation`, so the same selection loop, batches and offspring drive it.
+:func:`darwinlm.run.search.run_generation`, so the same selection loop, batches and offspring drive it.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from darwinlm.adapter import adapter_for
-from darwinlm.genome import Genome
-from darwinlm.runtime import autocast
+from darwinlm.core.genome import Genome
+from darwinlm.llm.adapter import adapter_for
+from darwinlm.llm.runtime import autocast
 
 __all__ = ["ReferenceEvaluator", "dense_level_weight"]
 

@@ -4,8 +4,8 @@
 Everything runs in one process on the real SmolLM2-135M of ``examples/smollm2-quick.yaml``:
 
 * **speed**: for ``--layers N`` evenly spaced blocks, the o_proj (heads) and down_proj (channels)
-  Hessians are collected with ``darwinlm.database.collect_hessians`` on the spec's calibration pool;
-  then ``bench.baselines.obs_faithful`` (the reference code's loop) and ``darwinlm.obs.obs_prune`` (what
+  Hessians are collected with ``darwinlm.llm.database.collect_hessians`` on the spec's calibration pool;
+  then ``bench.baselines.obs_faithful`` (the reference code's loop) and ``darwinlm.llm.obs.obs_prune`` (what
   the database uses) run on the same W and H with the spec's ladders. Reported per kind: CPU seconds of
   each side (``time.process_time``; ``--threads`` torch threads, default 1, so other processes on a
   shared machine disturb the ratio as little as possible), their ratio, whether the greedy removal
@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.baselines import obs_faithful  # noqa: E402
-from darwinlm.adapter import adapter_for  # noqa: E402
-from darwinlm.database import (  # noqa: E402
+from darwinlm.llm.adapter import adapter_for  # noqa: E402
+from darwinlm.llm.database import (  # noqa: E402
     _calibration_chunks,
     build_shard,
     collect_hessians,
@@ -54,11 +54,11 @@ from darwinlm.database import (  # noqa: E402
     layer_file,
     layer_ladders,
 )
-from darwinlm.obs import obs_prune, prepare_hessian, reconstruction_error  # noqa: E402
-from darwinlm.runtime import torch_dtype  # noqa: E402
+from darwinlm.llm.obs import obs_prune, prepare_hessian, reconstruction_error  # noqa: E402
+from darwinlm.llm.runtime import torch_dtype  # noqa: E402
+from darwinlm.run.workspace import Workspace  # noqa: E402
 from darwinlm.spec import load_spec, with_overrides  # noqa: E402
 from darwinlm.store import open_store  # noqa: E402
-from darwinlm.workspace import Workspace  # noqa: E402
 
 KINDS = {"attn": "attention", "mlp": "mlp"}
 

@@ -82,8 +82,8 @@ def _comparable(state: dict) -> dict:
 
 def run_config(base, root: str, world: int, threads: int, generations: int, one_job: bool, pin: bool,
                workdir: Path) -> dict:
-    from darwinlm.plan import all_tasks
-    from darwinlm.workspace import Workspace
+    from darwinlm.core.plan import all_tasks
+    from darwinlm.run.workspace import Workspace
 
     name = f"bench-dist-w{world}t{threads}"
     spec = with_overrides(base, name=name, store=root, model__threads=threads)

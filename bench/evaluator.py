@@ -103,7 +103,7 @@ def kendall_tau_b(a: list[float], b: list[float]) -> float:
 
 # -- set-up ------------------------------------------------------------------------------------------------
 def ensure_database(ws) -> None:
-    from darwinlm.database import build_shard, finalize
+    from darwinlm.llm.database import build_shard, finalize
 
     spec = ws.spec
     digest = ws.pools.calibration.digest()
@@ -117,7 +117,7 @@ def ensure_database(ws) -> None:
 
 def _scores(state: dict) -> list[dict]:
     """Per stage: {genome id: fitness}."""
-    from darwinlm.search import genome_id
+    from darwinlm.run.search import genome_id
 
     class _G:  # genome_id only needs to_dict()
         def __init__(self, d):
@@ -153,10 +153,10 @@ def _strip(state: dict) -> dict:
 
 def run_path(name: str, ws, spec, parent, kids, g: int, workdir: str) -> dict:
     from bench.baselines_eval import ReferenceEvaluator
-    from darwinlm.data import sample_exact
-    from darwinlm.fitness import TeacherCache
-    from darwinlm.rng import derive_rng
-    from darwinlm.search import Evaluator, run_generation
+    from darwinlm.llm.data import sample_exact
+    from darwinlm.llm.fitness import TeacherCache
+    from darwinlm.core.rng import derive_rng
+    from darwinlm.run.search import Evaluator, run_generation
     from darwinlm.spec import with_overrides
     from darwinlm.store import open_store
 
@@ -222,10 +222,10 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from darwinlm.mutation import sample_offspring
-    from darwinlm.rng import derive_rng
+    from darwinlm.core.mutation import sample_offspring
+    from darwinlm.core.rng import derive_rng
     from darwinlm.spec import load_spec, with_overrides
-    from darwinlm.workspace import Workspace
+    from darwinlm.run.workspace import Workspace
 
     if args.threads:
         torch.set_num_threads(args.threads)

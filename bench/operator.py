@@ -229,7 +229,7 @@ def _finished(job: dict) -> str | None:
 
 def _phase(job: dict) -> tuple:
     """Jobs of one phase run together (database shards, post-training variants); phases run in order."""
-    from darwinlm.plan import Task
+    from darwinlm.core.plan import Task
 
     task = Task.parse(job["metadata"]["labels"][LABEL_TASK])
     return (task.kind, task.index if task.kind == "generation" else 0)
@@ -273,7 +273,7 @@ def handoffs(events: list[tuple[float, float, str, dict]], marker_time) -> list[
 
 def _marker_time(store_root: Path):
     """``job -> wall time`` its task's completion marker became complete in the file store (None: absent)."""
-    from darwinlm.plan import Task, done_key
+    from darwinlm.core.plan import Task, done_key
     from darwinlm.store import SIDECAR_SUFFIX
 
     def get(job: dict) -> float | None:
@@ -322,7 +322,7 @@ class FakeJobs:
         threading.Thread(target=self._complete, args=(job,), daemon=True).start()
 
     def _complete(self, job: dict) -> None:
-        from darwinlm.plan import Task, done_key
+        from darwinlm.core.plan import Task, done_key
         from darwinlm.store import open_store
 
         try:

@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 import darwinlm  # noqa: F401  (registers darwinlm_llama)
-from darwinlm.adapter import adapter_for
+from darwinlm.llm.adapter import adapter_for
 
 log = logging.getLogger("bench.shrunk_speed")
 
@@ -69,10 +69,10 @@ GOAL = 0.85
 # ----------------------------------------------------------------------------------- models
 def models_from_spec(spec_path: str, store: str | None):
     """(dense, masked, shrunk, description) for the uniform genome of the spec's target."""
-    from darwinlm.plan import Task
+    from darwinlm.core.plan import Task
     from darwinlm.spec import load_spec, with_overrides
-    from darwinlm.tasks import run_task
-    from darwinlm.workspace import Workspace
+    from darwinlm.run.tasks import run_task
+    from darwinlm.run.workspace import Workspace
 
     spec = load_spec(spec_path)
     # a search name of our own: the database is shared by content key, nothing of the example is touched
@@ -95,8 +95,8 @@ def models_from_result(path: str):
     """(dense, masked, shrunk, description) for an exported ``result/model`` directory."""
     from transformers import AutoModelForCausalLM
 
-    from darwinlm.runtime import load_model
-    from darwinlm.shrink import expand_to_dense
+    from darwinlm.llm.runtime import load_model
+    from darwinlm.llm.shrink import expand_to_dense
     from darwinlm.spec import load_spec
 
     d = Path(path)

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 
 def _register_model_type(_transformers_module) -> None:
-    from .modeling import register
+    from .llm.modeling import register
 
     register()
 
@@ -32,8 +32,8 @@ _wrapt.register_post_import_hook(_register_model_type, "transformers")
 
 # The public API. None of these imports torch: the operator may import the package.
 from .errors import ArtifactNotFound, DarwinLMError, InfeasibleTargetError, SpecError, StoreError  # noqa: E402
-from .plan import Task, next_tasks  # noqa: E402
-from .runner import run_search  # noqa: E402
+from .core.plan import Task, next_tasks  # noqa: E402
+from .run.runner import run_search  # noqa: E402
 from .spec import PruningSearchSpec, load_spec, spec_to_dict, with_overrides  # noqa: E402
 from .store import open_store  # noqa: E402
 

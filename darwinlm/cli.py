@@ -60,7 +60,7 @@ def _cmd_schema(args) -> int:
     from .spec import json_schema
 
     if args.markdown:
-        from ._spec_docs import spec_reference_markdown
+        from .spec.docs import spec_reference_markdown
 
         print(spec_reference_markdown())
         return EXIT_OK
@@ -69,8 +69,8 @@ def _cmd_schema(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .plan import next_tasks, progress
-    from .workspace import Workspace
+    from .core.plan import next_tasks, progress
+    from .run.workspace import Workspace
 
     spec = _load(args)
     ws = Workspace(spec)
@@ -80,7 +80,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .runner import run_search
+    from .run.runner import run_search
 
     spec = _load(args)
     ws = run_search(spec, progress=_tqdm_progress)
@@ -89,7 +89,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_phase(args) -> int:
-    from .runner import run_phase
+    from .run.runner import run_phase
 
     spec = _load(args)
     kind = {"search": "generation"}.get(args.command, args.command)
@@ -100,7 +100,7 @@ def _cmd_phase(args) -> int:
 
 def _plan_tasks(spec, names: list[str]):
     """The named tasks of ``spec``'s plan, or an error message."""
-    from .plan import Task, all_tasks
+    from .core.plan import Task, all_tasks
 
     phases = all_tasks(spec)
     tasks = []
@@ -118,7 +118,7 @@ def _plan_tasks(spec, names: list[str]):
 
 def _not_ready(spec, store, todo) -> str | None:
     """Why ``todo`` cannot run in order (an earlier phase is incomplete), or None."""
-    from .plan import all_tasks, done_key
+    from .core.plan import all_tasks, done_key
 
     phases = all_tasks(spec)
     for n, task in enumerate(todo):
@@ -142,9 +142,9 @@ def run_tasks(spec, names: list[str], *, uid: str | None = None) -> int:
     """Run the named plan tasks of ``spec`` (store prefix ``searches/<name>[-<uid>]``); an exit code.
 
     This is also what the Kubernetes job entrypoints (``darwinlm_jobs``) call."""
-    from .distributed import PeerFailure, WorldConfigError, world_env
-    from .plan import done_key
-    from .workspace import Workspace
+    from .core.plan import done_key
+    from .llm.distributed import PeerFailure, WorldConfigError, world_env
+    from .run.workspace import Workspace
 
     tasks = _plan_tasks(spec, names)
     ws = Workspace(spec, uid=uid)
@@ -174,9 +174,9 @@ def run_tasks(spec, names: list[str], *, uid: str | None = None) -> int:
 
 def _run_ranked(spec, ws, tasks, todo) -> tuple[int, int]:
     """Join the process group the environment describes (if any) and run ``tasks``; (rank, world size)."""
-    from .distributed import DistributedShard, PeerFailure, init_from_env
-    from .runtime import resolve_device
-    from .tasks import no_progress, run_task
+    from .llm.distributed import DistributedShard, PeerFailure, init_from_env
+    from .llm.runtime import resolve_device
+    from .run.tasks import no_progress, run_task
 
     try:
         world = init_from_env(device=resolve_device(spec.model.device))

@@ -15,7 +15,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from darwinlm._spec_docs import BEGIN, END, spec_reference_markdown  # noqa: E402
+from darwinlm.spec.docs import BEGIN, END, spec_reference_markdown  # noqa: E402
 
 
 def main() -> int:

@@ -102,7 +102,7 @@ def tiny_spec_dict(assets: pathlib.Path, store: str, **over) -> dict:
         "posttrain": {"tokens": 256, "lr": 1e-4, "checkpoint_every": 2},
         "evaluation": {"heldout_tokens": 256},
     }
-    from darwinlm._spec_io import set_path
+    from darwinlm.spec.io import set_path
 
     for k, v in over.items():
         set_path(spec, k.split("."), v)

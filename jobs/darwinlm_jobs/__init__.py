@@ -1,6 +1,6 @@
 """Job entrypoints: one module per task kind, run inside Kubernetes pods (or by hand).
 
-Each reads its task from arguments and the environment, calls the library (``darwinlm.tasks.run_task``)
+Each reads its task from arguments and the environment, calls the library (``darwinlm.run.tasks.run_task``)
 and writes to the store. The spec comes from ``DARWINLM_SPEC`` (JSON, the PruningSearch ``spec`` as the
 operator rendered it) or ``--spec FILE``; the search's store prefix is ``searches/<name>-<uid>`` with
 the uid from ``DARWINLM_SEARCH_UID`` / ``--uid``. S3 credentials come only from the environment

@@ -53,7 +53,7 @@ _KUBERNETES_FIELDS = frozenset({
 
 
 def run(task, args) -> int:
-    """Run ``task`` (a darwinlm.plan.Task) with the parsed ``args``; returns the exit code.
+    """Run ``task`` (a darwinlm.core.plan.Task) with the parsed ``args``; returns the exit code.
 
     The work is ``darwinlm.cli.run_tasks``: the same code as ``darwinlm task``, including joining the
     torch.distributed process group for generation tasks when WORLD_SIZE > 1 (after checking the task is

@@ -8,7 +8,7 @@ In an Indexed Job the shard defaults to ``JOB_COMPLETION_INDEX``.
 import os
 import sys
 
-from darwinlm.plan import Task
+from darwinlm.core.plan import Task
 
 from ._common import parser, run
 

@@ -5,7 +5,7 @@
 
 import sys
 
-from darwinlm.plan import Task
+from darwinlm.core.plan import Task
 
 from ._common import parser, run
 

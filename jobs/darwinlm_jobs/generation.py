@@ -7,7 +7,7 @@ Distributed: MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK (or JOB_COMPLETION_IN
 
 import sys
 
-from darwinlm.plan import Task
+from darwinlm.core.plan import Task
 
 from ._common import parser, run
 

@@ -1,6 +1,6 @@
 """The generic machinery of the Kubernetes half of a spec: maps, quantities, free-form JSON.
 
-Why it exists: the library's ``SpecNode``/``setting`` machinery (``darwinlm._spec_fields``) has no
+Why it exists: the library's ``SpecNode``/``setting`` machinery (``darwinlm.spec.fields``) has no
 maps or free-form objects; Kubernetes needs both (``nodeSelector``, ``resources.limits``,
 ``affinity``, ``volumes``). This module adds them and knows nothing about PruningSearch:
 ``dict[str, V]`` annotations (V = ``str``, ``int``, :data:`Quantity` or ``Any`` for free-form JSON)
@@ -20,8 +20,8 @@ from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from typing import Any, NewType
 
-from darwinlm import _spec_fields as sf
-from darwinlm._spec_fields import MISSING, Bounds, setting
+from darwinlm.spec import fields as sf
+from darwinlm.spec import MISSING, Bounds, setting
 
 __all__ = [
     "DNS_LABEL",

@@ -15,8 +15,8 @@ import types
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from darwinlm import _spec_fields as sf
-from darwinlm._spec_fields import Bounds, SpecNode, setting
+from darwinlm.spec import fields as sf
+from darwinlm.spec import Bounds, SpecNode, setting
 
 from ._kconvert import (
     DNS_LABEL,

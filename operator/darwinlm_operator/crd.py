@@ -30,10 +30,9 @@ from typing import Any
 
 import yaml
 
-from darwinlm import _spec_fields as sf
-from darwinlm._spec_fields import Bounds
-from darwinlm._spec_schema import _apply_bounds, _plain_type
-from darwinlm.spec import API_VERSION, KIND, json_schema
+from darwinlm.spec import API_VERSION, KIND, Bounds, json_schema
+from darwinlm.spec import fields as sf
+from darwinlm.spec.schema import _apply_bounds, _plain_type
 from darwinlm_operator.kspec import (
     DNS_LABEL,
     LIBRARY_LIMITS,

@@ -8,7 +8,7 @@ into a dedicated boto3 Session behind the store and are never part of an excepti
 line, an Event or the status (errors name the Secret and the key, never a value).
 
 :class:`StoreView` is the read-only view ``reconcile.decide`` consumes. Completion markers are
-immutable once written (a task never rewrites them, see ``darwinlm.tasks``), so positive answers are
+immutable once written (a task never rewrites them, see ``darwinlm.run.tasks``), so positive answers are
 cached for the life of the operator process; negative answers are always asked again.
 """
 
@@ -54,7 +54,7 @@ class Credentials:
 
 
 def search_prefix(name: str, uid: str | None) -> str:
-    """``searches/<name>-<uid>``: the store prefix of one PruningSearch (as ``darwinlm.workspace``)."""
+    """``searches/<name>-<uid>``: the store prefix of one PruningSearch (as ``darwinlm.run.workspace``)."""
     return f"searches/{name}" + (f"-{uid}" if uid else "")
 
 

@@ -31,11 +31,9 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from darwinlm import _spec_fields as sf
-from darwinlm._spec_fields import Bounds, SpecNode, setting
-from darwinlm._spec_io import read_document
 from darwinlm.errors import SpecError
-from darwinlm.spec import PruningSearchSpec, load_spec
+from darwinlm.spec import Bounds, PruningSearchSpec, SpecNode, load_spec, read_document, setting
+from darwinlm.spec import fields as sf
 
 from ._kconvert import (  # noqa: F401 - the names not used here are re-exported (crd, callers)
     DNS_LABEL,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from darwinlm._spec_fields import Bounds, SpecNode, setting
+from darwinlm.spec import Bounds, SpecNode, setting
 from darwinlm_operator.kspec import FrozenMap, kfield
 
 __all__ = ["PHASES", "PruningSearchStatus", "Condition", "Attempt"]

@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from darwinlm.plan import KINDS
+from darwinlm.core.plan import KINDS
 
 __all__ = ["FAILURE_REASONS", "PHASES", "TASK_KINDS", "Metrics"]
 
@@ -56,7 +56,7 @@ PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 # what jobstate.classify_failure and the reconciler record for a failed Job (exported at 0 up front)
 FAILURE_REASONS = ("Error", "RetriableError", "OOMKilled", "Killed", "Evicted", "Preempted", "PermanentError",
                    "MissingOutput", "DeadlineExceeded")
-TASK_KINDS = KINDS  # darwinlm.plan: every task kind of the plan
+TASK_KINDS = KINDS  # darwinlm.core.plan: every task kind of the plan
 # Job durations: seconds, from a tiny CPU task to a multi-hour post-training
 _BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 

@@ -3,7 +3,7 @@
 Why this module exists: kopf is level-triggered and sees only the latest state (nolar/kopf#698), and
 the operator may restart at any moment. So nothing is remembered between calls: every decision is
 recomputed from the PruningSearch (spec + status), its Jobs and their Pods (API objects) and the
-search's store (the plan's completion markers, via ``darwinlm.plan.next_tasks``). ``decide`` does no
+search's store (the plan's completion markers, via ``darwinlm.core.plan.next_tasks``). ``decide`` does no
 I/O of its own: the store is read through a small read-only view (:class:`StoreView`), and the
 handlers apply the returned Decision idempotently (create-if-absent by deterministic name).
 
@@ -38,7 +38,7 @@ import datetime as _dt
 from collections.abc import Mapping
 
 from darwinlm.errors import SpecError
-from darwinlm.plan import Task, done_key, next_tasks
+from darwinlm.core.plan import Task, done_key, next_tasks
 from darwinlm.spec import spec_to_dict
 
 from . import conditions as C

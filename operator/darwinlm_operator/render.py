@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from darwinlm.plan import Task
+from darwinlm.core.plan import Task
 from darwinlm.spec import API_VERSION, KIND, spec_to_dict
 
 from .kspec import JobDefaults, job_image

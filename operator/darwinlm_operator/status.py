@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from darwinlm.plan import Task, done_key, generations_planned
+from darwinlm.core.plan import Task, done_key, generations_planned
 
 from . import conditions as C
 from .decision import _Ctx
@@ -144,7 +144,7 @@ def _finite(x: Any) -> float | None:
 
 def _progress(ctx: _Ctx, tasks: list[Task]) -> None:
     """Generation i/N, best fitness, ETA, offspring counts and the checkpoint, from the store."""
-    from darwinlm.plan import all_tasks
+    from darwinlm.core.plan import all_tasks
 
     spec, store, st = ctx.spec, ctx.store, ctx.status
     total_g = generations_planned(spec, store)

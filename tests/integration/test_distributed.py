@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from darwinlm import cli
-from darwinlm.distributed import DistributedShard, PeerFailure, WorldConfigError, owner, world_env
-from darwinlm.plan import progress
+from darwinlm.core.plan import progress
+from darwinlm.llm.distributed import DistributedShard, PeerFailure, WorldConfigError, owner, world_env
 from darwinlm.spec import load_spec, with_overrides
 from darwinlm.store import open_store
 from tests.support.procs import free_port
@@ -217,8 +217,8 @@ def test_shard_gathers_in_pool_order_and_forwards_errors():
 
 _GLOO_SCRIPT = """
 import json, sys
-from darwinlm.distributed import DistributedShard, PeerFailure, init_from_env
 from darwinlm.errors import SpecError
+from darwinlm.llm.distributed import DistributedShard, PeerFailure, init_from_env
 world = init_from_env()
 shard = DistributedShard(world)
 out = {"rank": world.rank, "writer": shard.is_writer}

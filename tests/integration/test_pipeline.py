@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from darwinlm.runner import run_search
+from darwinlm.run.runner import run_search
 from darwinlm.spec import load_spec
 from darwinlm.store import open_store
 
@@ -98,7 +98,7 @@ def test_patience_stops_where_the_parent_first_survives_long_enough(finished, ti
 def test_export_loads_with_stock_transformers_and_matches(finished, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from darwinlm.tasks import load_posttrained
+    from darwinlm.run.tasks import load_posttrained
 
     spec, ws = finished
     ws.store.get_dir("result/model", tmp_path / "model")
@@ -110,7 +110,7 @@ def test_export_loads_with_stock_transformers_and_matches(finished, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=0)
     summary = ws.store.get_json("result/summary.json")
     searched = [r for r in summary["rows"] if r["model"] == "searched"]
-    from darwinlm.adapter import adapter_for
+    from darwinlm.llm.adapter import adapter_for
 
     assert all(r["nonembedding_params"] == adapter_for(loaded).nonembedding_param_count(loaded) for r in searched)
 

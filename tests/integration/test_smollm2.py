@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
     store = f"file://{tmp_path_factory.mktemp('quick')}"
     cmd = [sys.executable, "-m", "darwinlm.cli", "run", str(ROOT / "examples" / "smollm2-quick.yaml"), "--store", store]
     subprocess.run(cmd, check=True, timeout=20 * 60)
-    from darwinlm.workspace import Workspace
+    from darwinlm.run.workspace import Workspace
 
     spec = with_overrides(load_spec(ROOT / "examples" / "smollm2-quick.yaml"), store=store)
     return Workspace(spec)
@@ -33,7 +33,7 @@ def quick_run(tmp_path_factory):
 def test_quick_example_meets_the_bar(quick_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from darwinlm.adapter import adapter_for
+    from darwinlm.llm.adapter import adapter_for
 
     ws = quick_run
     summary = ws.store.get_json("result/summary.json")

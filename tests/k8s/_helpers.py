@@ -74,7 +74,7 @@ def s3_json(s3, key: str):
 
 
 def variants(spec) -> list[str]:
-    from darwinlm.plan import posttrain_variants
+    from darwinlm.core.plan import posttrain_variants
 
     return posttrain_variants(spec)
 
@@ -86,6 +86,6 @@ def finished(job: dict) -> bool:
 
 def all_job_names(spec, name: str) -> list[str]:
     """The first-attempt Job of every task of a search, sorted."""
-    from darwinlm.plan import all_tasks
+    from darwinlm.core.plan import all_tasks
 
     return sorted(f"{name}-{t.name}-a0" for phase in all_tasks(spec) for t in phase)

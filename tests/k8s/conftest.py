@@ -29,9 +29,9 @@ def cluster(kubectl, k8s, namespace, s3, pod_runner, run_operator):
 
 @pytest.fixture(scope="session")
 def embedded_tiny(tiny_assets, tmp_path_factory):
-    """The tiny search (3 generations) run embedded (``darwinlm.runner.run_search``) into a file store, once
+    """The tiny search (3 generations) run embedded (``darwinlm.run.runner.run_search``) into a file store, once
     per session: ``(spec, result/config.json)``. The operator's runs must give the same result."""
-    from darwinlm.runner import run_search
+    from darwinlm.run.runner import run_search
     from darwinlm.spec import load_spec
     from darwinlm.store import open_store
     from tests.conftest import tiny_spec_dict

@@ -250,7 +250,7 @@ def test_distributed_generation_matches_a_single_process(cluster, kubectl, k8s, 
     assert svc.spec.cluster_ip == "None"
     got = s3_json(s3, f"{PREFIX}/searches/dist-{ps['metadata']['uid']}/generations/00000/state.json")
 
-    from darwinlm.runner import run_search
+    from darwinlm.run.runner import run_search
     from darwinlm.spec import load_spec
 
     spec = load_spec(tiny_spec_dict(tiny_assets, f"file://{tmp_path / 'one'}", **{"search.generations": 1}))

@@ -81,7 +81,7 @@ def test_smollm2_quick_manifest_succeeds_and_matches_the_embedded_run(cluster, k
     print(f"\n[smollm2 e2e] operator run {operator_s:.0f} s\n{out}")
 
     t1 = time.monotonic()
-    from darwinlm.runner import run_search
+    from darwinlm.run.runner import run_search
     from darwinlm.store import open_store
 
     store = f"file://{tmp_path / 'embedded'}"

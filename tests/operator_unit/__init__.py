@@ -12,8 +12,8 @@ import datetime as dt
 import pathlib
 from typing import Any
 
-from darwinlm._spec_io import set_path
-from darwinlm.plan import Task, done_key
+from darwinlm.core.plan import Task, done_key
+from darwinlm.spec.io import set_path
 from tests.conftest import tiny_spec_dict
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)

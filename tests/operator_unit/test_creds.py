@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from darwinlm.workspace import search_prefix as library_search_prefix
+from darwinlm.run.workspace import search_prefix as library_search_prefix
 from darwinlm_operator import creds
 from darwinlm_operator.kspec import load_psearch
 

@@ -6,7 +6,7 @@ import copy
 import subprocess
 import sys
 
-from darwinlm.plan import Task
+from darwinlm.core.plan import Task
 from darwinlm_operator import handlers
 from darwinlm_operator.creds import StoreView
 from darwinlm_operator.kspec import JobDefaults

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from darwinlm.plan import Task
+from darwinlm.core.plan import Task
 from darwinlm_operator import conditions as C
 from darwinlm_operator.kspec import JobDefaults, load_psearch
 from darwinlm_operator.reconcile import (classify_failure, decide, first_error_line, format_duration, job_outcome,

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from darwinlm.core.plan import Task
 from darwinlm.errors import SpecError
-from darwinlm.plan import Task
 from darwinlm.spec import load_spec
 from darwinlm_operator import render
 from darwinlm_operator.kspec import KUBERNETES_FIELDS, JobDefaults, load_psearch

@@ -170,7 +170,7 @@ def test_operator_default_cmd_parses():
 
 
 def test_job_image_has_a_module_for_every_task_kind():
-    from darwinlm.plan import KINDS
+    from darwinlm.core.plan import KINDS
 
     kinds = set(KINDS)
     render = operator_module("render")

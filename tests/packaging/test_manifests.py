@@ -146,7 +146,7 @@ def test_example_jobs_render_and_validate(path):
     if kspec is None or render is None:
         pytest.skip("darwinlm_operator.kspec/render do not exist yet")
     kv = kubernetes_validate()
-    from darwinlm.plan import KINDS, Task
+    from darwinlm.core.plan import KINDS, Task
 
     (doc,) = _docs(path)
     cr = {**doc, "metadata": {**doc["metadata"], "namespace": "ml", "uid": "0f0e0d0c-0000-4000-8000-000000000000"}}

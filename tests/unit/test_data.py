@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from darwinlm.data import build_pools, sample_at_least, sample_exact
 from darwinlm.errors import SpecError
+from darwinlm.llm.data import build_pools, sample_at_least, sample_exact
 from darwinlm.spec import load_spec
 
 from ..conftest import tiny_spec_dict

@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from darwinlm.database import META_KEY, LayerDatabase, _calibration_chunks, collect_hessians, layer_key
+from darwinlm.core.plan import Task
 from darwinlm.errors import ChecksumMismatch
-from darwinlm.obs import obs_prune
-from darwinlm.plan import Task
+from darwinlm.llm.database import META_KEY, LayerDatabase, _calibration_chunks, collect_hessians, layer_key
+from darwinlm.llm.obs import obs_prune
+from darwinlm.run.tasks import run_task
+from darwinlm.run.workspace import Workspace
 from darwinlm.spec import load_spec
 from darwinlm.store import open_store
-from darwinlm.tasks import run_task
-from darwinlm.workspace import Workspace
 
 from ..conftest import tiny_spec_dict
 

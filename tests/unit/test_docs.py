@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from darwinlm._spec_docs import BEGIN, END, spec_reference_markdown
+from darwinlm.spec.docs import BEGIN, END, spec_reference_markdown
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

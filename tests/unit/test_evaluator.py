@@ -7,12 +7,12 @@ import pathlib
 
 import pytest
 
-from darwinlm.data import sample_at_least, sample_exact
-from darwinlm.fitness import TeacherCache
-from darwinlm.mutation import sample_offspring
-from darwinlm.rng import derive_rng
-from darwinlm.runner import run_search
-from darwinlm.search import Evaluator, nested_train_batches, run_generation
+from darwinlm.core.mutation import sample_offspring
+from darwinlm.core.rng import derive_rng
+from darwinlm.llm.data import sample_at_least, sample_exact
+from darwinlm.llm.fitness import TeacherCache
+from darwinlm.run.runner import run_search
+from darwinlm.run.search import Evaluator, nested_train_batches, run_generation
 from darwinlm.spec import load_spec, with_overrides
 from darwinlm.store import open_store
 
@@ -143,8 +143,8 @@ def test_only_the_best_keep_are_held(ws):
     ev = _evaluator(ws, spec)
     ev.begin_stage(kids, 2)
     scores = [ev(g, train, fit) for g in kids]
-    from darwinlm.search import genome_id
-    from darwinlm.selection import select
+    from darwinlm.run.search import genome_id
+    from darwinlm.core.selection import select
 
     assert set(ev.held()) == {genome_id(kids[i]) for i in select(scores, 2)}
     ev.begin_stage([kids[select(scores, 2)[0]]], 1)
@@ -195,7 +195,7 @@ def test_run_generation_warm_start_is_exact_and_deterministic(ws, tmp_path):
 
 class _TwoWorkers:
     """A simulated 2-worker run in one process: ``shard`` gives pool item ``i`` to worker ``i % 2`` (as
-    darwinlm.distributed does); ``begin_stage`` reaches both workers' evaluators."""
+    darwinlm.llm.distributed does); ``begin_stage`` reaches both workers' evaluators."""
 
     def __init__(self, workers):
         self.workers = workers
@@ -230,7 +230,7 @@ def test_fitness_matches_the_naive_formula(ws, kind):
     import torch
     import torch.nn.functional as F
 
-    from darwinlm.fitness import fitness
+    from darwinlm.llm.fitness import fitness
 
     _, kids = _kids(ws, 1)
     model = ws.builder.shrunk(kids[0])

@@ -9,19 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from darwinlm.errors import InfeasibleTargetError
-from darwinlm.genome import (
-    Genome,
-    Ladder,
-    SearchSpace,
+from darwinlm.core.budget import (
     even_genome,
-    ladder_from,
     level_sums_for_target,
     prunable_params,
     random_feasible_genome,
     removed_fraction,
     removed_params,
 )
+from darwinlm.core.genome import Genome, SearchSpace
+from darwinlm.core.ladder import Ladder, ladder_from
+from darwinlm.errors import InfeasibleTargetError
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -292,7 +290,7 @@ def _brute_force(space, sums, cost):
 @FAST
 @given(st.data())
 def test_cheapest_genome_is_the_exact_optimum(data):
-    from darwinlm.genome import cheapest_genome
+    from darwinlm.core.budget import cheapest_genome
 
     space = data.draw(spaces(max_groups=2, max_layers=3))
     sums = {g: data.draw(st.integers(0, space.max_level_sum(g))) for g in space.groups}
@@ -305,7 +303,7 @@ def test_cheapest_genome_is_the_exact_optimum(data):
 
 
 def test_cheapest_genome_prunes_the_cheap_layers_and_rejects_bad_tables():
-    from darwinlm.genome import cheapest_genome
+    from darwinlm.core.budget import cheapest_genome
 
     space = uniform_space(n_layers=4, levels=5)
     # layer i costs (i + 1) per level in both groups: the cheapest spread puts the budget on layer 0 first

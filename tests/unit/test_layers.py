@@ -14,7 +14,7 @@ def test_import_linter_contracts_hold():
 
 
 def test_control_plane_modules_do_not_load_torch():
-    code = ("import sys, darwinlm, darwinlm.plan, darwinlm.spec, darwinlm.store, darwinlm.runner;"
+    code = ("import sys, darwinlm, darwinlm.core.plan, darwinlm.spec, darwinlm.store, darwinlm.run.runner;"
             "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -17,9 +17,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from darwinlm.adapter import adapter_for
 from darwinlm.errors import DarwinLMError
-from darwinlm.modeling import DarwinLlamaConfig, DarwinLlamaForCausalLM, register, uniform_kv_map
+from darwinlm.llm.adapter import adapter_for
+from darwinlm.llm.modeling import DarwinLlamaConfig, DarwinLlamaForCausalLM, register, uniform_kv_map
 
 # hidden = heads * head_dim: Llama's config validation insists on it for the dense source.
 TINY = dict(

@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from darwinlm.genome import Genome, Ladder, SearchSpace, even_genome, ladder_from
-from darwinlm.mutation import can_mutate, mutate, sample_offspring
-from darwinlm.rng import derive_rng
+from darwinlm.core.budget import even_genome
+from darwinlm.core.genome import Genome, SearchSpace
+from darwinlm.core.ladder import Ladder, ladder_from
+from darwinlm.core.mutation import can_mutate, mutate, sample_offspring
+from darwinlm.core.rng import derive_rng
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -96,7 +98,7 @@ def test_small_space_returns_what_exists_and_warns(caplog):
     lad = Ladder(1, (0, 1))
     space = SearchSpace.from_layers([("a", "mlp", lad, 1), ("b", "mlp", lad, 1)])
     parent = Genome(space, (0, 1))
-    with caplog.at_level(logging.WARNING, logger="darwinlm.mutation"):
+    with caplog.at_level(logging.WARNING, logger="darwinlm.core.mutation"):
         kids = sample_offspring(parent, space, 16, np.random.default_rng(0), max_tries=200)
     assert kids == [Genome(space, (1, 0))]
     assert "only 1 of 16" in caplog.text
@@ -106,7 +108,7 @@ def test_no_neighbours_returns_at_once(caplog):
     space = SearchSpace.from_layers([("a", "attn", Ladder(2, (0, 1, 2)), 1), ("b", "mlp", Ladder(2, (0, 2)), 1)])
     parent = Genome(space, (1, 1))
     assert not can_mutate(parent, space)
-    with caplog.at_level(logging.WARNING, logger="darwinlm.mutation"):
+    with caplog.at_level(logging.WARNING, logger="darwinlm.core.mutation"):
         assert sample_offspring(parent, space, 4, np.random.default_rng(0)) == []
     assert "no mutation" in caplog.text
     assert sample_offspring(parent, space, 0, np.random.default_rng(0)) == []

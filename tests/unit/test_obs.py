@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from darwinlm.obs import obs_prune, prepare_hessian, reconstruction_error
+from darwinlm.llm.obs import obs_prune, prepare_hessian, reconstruction_error
 
 
 def _problem(d_row, d_col, seed):
@@ -79,7 +79,7 @@ def test_dead_inputs_and_bad_boundaries():
 
 @pytest.mark.parametrize("block", [1, 3, 64])
 def test_lazy_batch_columns_match_reference(block):
-    from darwinlm.obs import obs_prune_columns, obs_prune_reference
+    from darwinlm.llm.obs import obs_prune_columns, obs_prune_reference
 
     W, H = _problem(7, 40, 5)
     bounds = [4, 10, 25, 39]
@@ -94,7 +94,7 @@ def test_lazy_batch_columns_match_reference(block):
 @pytest.mark.parametrize("group_size", [2, 4])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_shrinking_groups_match_reference(group_size, seed):
-    from darwinlm.obs import obs_prune_groups, obs_prune_reference
+    from darwinlm.llm.obs import obs_prune_groups, obs_prune_reference
 
     n = 7
     W, H = _problem(5, n * group_size, seed)
@@ -108,7 +108,7 @@ def test_shrinking_groups_match_reference(group_size, seed):
 
 
 def test_lazy_columns_flush_on_a_boundary():
-    from darwinlm.obs import obs_prune_columns, obs_prune_reference
+    from darwinlm.llm.obs import obs_prune_columns, obs_prune_reference
 
     W, H = _problem(6, 30, 7)
     bounds = [4, 8, 9, 20, 24]  # 4, 8, 20, 24 coincide with full blocks of 4
@@ -121,7 +121,7 @@ def test_lazy_columns_flush_on_a_boundary():
 
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_kept_columns_contract(group_size):
-    from darwinlm.obs import ObsResult, kept_columns
+    from darwinlm.llm.obs import ObsResult, kept_columns
 
     W, H = _problem(4, 6 * group_size, 8)
     res = obs_prune(W, H, group_size=group_size, boundaries=[2, 5], damping=0.01)
@@ -139,7 +139,7 @@ def test_kept_columns_contract(group_size):
 
 
 def test_block_factors_fall_back_to_pinv():
-    from darwinlm.obs import _block_factors
+    from darwinlm.llm.obs import _block_factors
 
     g = torch.Generator().manual_seed(9)
     A = torch.randn(3, 2, generator=g, dtype=torch.float64)

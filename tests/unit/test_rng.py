@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from darwinlm.rng import derive_rng, derive_seed
+from darwinlm.core.rng import derive_rng, derive_seed
 
 # Pinned: a change here silently changes every search result for a given spec seed.
 PINNED = [
@@ -29,7 +29,7 @@ def test_pinned_values(args, expected):
 
 def test_stable_across_processes():
     # A fresh interpreter with a different hash seed must agree (str parts never go through hash()).
-    code = "from darwinlm.rng import derive_seed; print(derive_seed(1234, 'fitness-batch', 3, 2))"
+    code = "from darwinlm.core.rng import derive_seed; print(derive_seed(1234, 'fitness-batch', 3, 2))"
     env = {"PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert int(out.stdout) == 4509035608359216342

@@ -9,10 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from darwinlm.genome import Genome, SearchSpace, even_genome, ladder_from
-from darwinlm.mutation import sample_offspring
-from darwinlm.rng import derive_rng
-from darwinlm.selection import PAPER_STAGES, Stage, run_selection, select, stage_pool
+from darwinlm.core.budget import even_genome
+from darwinlm.core.genome import Genome, SearchSpace
+from darwinlm.core.ladder import ladder_from
+from darwinlm.core.mutation import sample_offspring
+from darwinlm.core.rng import derive_rng
+from darwinlm.core.selection import PAPER_STAGES, Stage, run_selection, select, stage_pool
 
 FAST = settings(max_examples=80, deadline=None)
 NAN, INF = float("nan"), float("inf")

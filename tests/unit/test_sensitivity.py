@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from darwinlm.fitness import TeacherCache, kl_to_teacher
-from darwinlm.genome import Genome
-from darwinlm.plan import STOP_KEY, Task, generations_planned, next_tasks, progress
-from darwinlm.runner import run_search
-from darwinlm.sensitivity import measure_blocks, sensitivity_chunks
+from darwinlm.core.genome import Genome
+from darwinlm.core.plan import STOP_KEY, Task, generations_planned, next_tasks, progress
+from darwinlm.llm.fitness import TeacherCache, kl_to_teacher
+from darwinlm.llm.sensitivity import measure_blocks, sensitivity_chunks
+from darwinlm.run.runner import run_search
 from darwinlm.spec import load_spec
 from darwinlm.store import open_store
 

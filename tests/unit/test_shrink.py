@@ -14,9 +14,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from darwinlm.adapter import adapter_for
-from darwinlm.modeling import DarwinLlamaForCausalLM, register
-from darwinlm.shrink import LayerShrink, expand_to_dense, mask_model, shrink_model
+from darwinlm.llm.adapter import adapter_for
+from darwinlm.llm.modeling import DarwinLlamaForCausalLM, register
+from darwinlm.llm.shrink import LayerShrink, expand_to_dense, mask_model, shrink_model
 
 # 6 query heads in 2 KV groups of 3, head_dim 16 (hidden = heads * head_dim, as Llama's config demands).
 TINY = dict(

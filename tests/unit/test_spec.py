@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from darwinlm import spec as spec_module
-from darwinlm._spec_fields import field_docs
 from darwinlm.errors import SpecError
+from darwinlm.spec.fields import field_docs
 from darwinlm.spec import (
     API_VERSION,
     KIND,
@@ -453,7 +453,7 @@ def test_spec_modules_import_no_torch():
     import sys
 
     allowed = set(sys.stdlib_module_names) | {"yaml", "darwinlm"}
-    for name in ("spec", "_spec_fields", "_spec_schema", "_spec_io", "_spec_rules"):
+    for name in ("tree", "fields", "schema", "io", "rules"):
         tree = ast.parse(pathlib.Path(spec_module.__file__).with_name(f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

@@ -248,7 +248,7 @@ def test_delete_and_delete_prefix_are_idempotent(store):
 
 
 def test_delete_prefix_batches(moto_endpoint, monkeypatch):
-    monkeypatch.setattr("darwinlm._store_s3._DELETE_BATCH", 4)  # 1000 in production; same code path
+    monkeypatch.setattr("darwinlm.store.s3._DELETE_BATCH", 4)  # 1000 in production; same code path
     store = open_store(f"s3://{_new_bucket(moto_endpoint)}", endpoint_url=moto_endpoint)
     for i in range(10):
         store.put_bytes(f"many/{i:02d}", b"")
@@ -402,7 +402,7 @@ def test_s3_wrong_recorded_checksum_detected(moto_endpoint):
 
 
 def test_file_crash_during_overwrite_leaves_incomplete_artifact(tmp_path, monkeypatch):
-    import darwinlm._store_file as store_mod  # FileStore looks _atomic_write up here
+    import darwinlm.store.file as store_mod  # FileStore looks _atomic_write up here
 
     store = FileStore(tmp_path / "s")
     store.put_bytes("k", b"v1")

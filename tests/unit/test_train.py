@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from darwinlm.runner import run_search
-from darwinlm.search import Evaluator
-from darwinlm.shrink import expand_to_dense
+from darwinlm.llm.shrink import expand_to_dense
+from darwinlm.llm.train import finetune, posttrain
+from darwinlm.run.runner import run_search
+from darwinlm.run.search import Evaluator
 from darwinlm.spec import load_spec, with_overrides
-from darwinlm.train import finetune, posttrain
 
 from ..conftest import tiny_spec_dict
 
@@ -23,8 +23,8 @@ def ws(tiny_assets, tmp_path_factory):
 
 
 def _genome(ws):
-    from darwinlm.mutation import mutate
-    from darwinlm.rng import derive_rng
+    from darwinlm.core.mutation import mutate
+    from darwinlm.core.rng import derive_rng
 
     return mutate(ws.uniform_genome(), ws.space, derive_rng(0, "test"))
 
@@ -46,7 +46,7 @@ def test_no_revival_mask_mode(ws):
     ft = with_overrides(ws.spec, **{"search.finetune.lr": 1e-2, "search.finetune.mode": "mask"}).search.finetune
     finetune(model, chunks, ft, "float32", mask=mask)
     mask.remove()
-    from darwinlm.adapter import adapter_for
+    from darwinlm.llm.adapter import adapter_for
 
     ad = adapter_for(model)
     dense = {}

@@ -1,0 +1,146 @@
+"""Running one task of the plan: ``(workspace, task) -> artifacts in the store``.
+
+Why this module exists: it is the single implementation of every task kind, shared by the embedded
+runner (many tasks in one process) and the Kubernetes jobs (one task per pod). Every task is idempotent:
+it returns at once when its completion marker exists, and writes the marker last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from darwinlm.core.plan import Task, done_key
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_task", "Progress", "no_progress"]
+
+# progress(description, total) -> update(n) ; the CLI passes tqdm-backed bars, the library none.
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def no_progress(_desc: str, _total: int) -> Callable[[int], None]:
+    return lambda _n: None
+
+
+def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) -> dict:
+    """Run ``task`` unless it is complete; return its marker's content.
+
+    ``shard`` (``distributed.DistributedShard``, generation tasks) splits the candidate evaluations over
+    the ranks of a process group; only the rank whose ``shard.is_writer`` is true writes the marker."""
+    key = done_key(task)
+    if ws.store.exists(key):
+        return ws.store.get_json(key)
+    t0 = time.time()
+    ws.record_spec()
+    fn = {"database": _database, "sensitivity": _sensitivity, "generation": _generation, "posttrain": _posttrain,
+          "export": _export, "evaluate": _evaluate}[task.kind]
+    out = fn(ws, task, progress, shard) or {}
+    out.setdefault("seconds", round(time.time() - t0, 3))
+    if shard is None or getattr(shard, "is_writer", True):
+        ws.store.put_json(key, out)
+    if getattr(shard, "barrier", None) is not None:
+        # distributed: no rank returns before rank 0 wrote the marker, so a process that runs several
+        # tasks (or its caller) may read this task's outputs next
+        shard.barrier()
+    return out
+
+
+def _database(ws, task: Task, progress: Progress, _shard) -> dict:
+    from darwinlm.llm.database import build_shard, finalize
+
+    spec = ws.spec
+    bar = progress(f"database {task.index + 1}/{task.count}: calibration", spec.database.calibration_tokens)
+    t0 = time.time()
+    layers = build_shard(ws.model, spec.database, spec.model.compute_dtype, ws.pools.calibration, ws.root,
+                         ws.db_key, task.index, task.count, progress=bar)
+    finalize(ws.model, spec.database, ws.root, ws.db_key, ws.pools.calibration.digest(), task.count)
+    return {"key": ws.db_key, "layers": len(layers), "seconds": round(time.time() - t0, 3)}
+
+
+def _sensitivity(ws, task: Task, progress: Progress, _shard) -> dict:
+    from darwinlm.llm.database import shard_blocks
+    from darwinlm.llm.sensitivity import build_shard
+
+    spec = ws.spec
+    s = spec.search.sensitivity
+    chunks = ws.sensitivity_chunks
+    n_blocks = len(shard_blocks(ws.model.config.num_hidden_layers, task.index, task.count))
+    bar = progress(f"sensitivity {task.index + 1}/{task.count}", n_blocks * len(chunks))
+    out = build_shard(ws.model, ws.db, s, chunks, ws.root, ws.db_key, ws.sensitivity_key, task.index, task.count,
+                      progress=bar)
+    return {"key": ws.sensitivity_key, "database": ws.db_key, "blocks": out["blocks"],
+            "measured_blocks": len(out.get("measured", [])) if not out.get("reused") else 0,
+            "seconds": out["seconds"] if not out.get("reused") else 0.0}
+
+
+def _generation(ws, task: Task, progress: Progress, shard) -> dict:
+    from .search import run_generation
+
+    g = task.index
+    sp = ws.spec.search
+    total = sum(s.survivors for s in sp.selection[:-1]) + sp.offspring + 1
+    writer = shard is None or getattr(shard, "is_writer", True)
+    last = ws.last_tracking(g) if sp.tracking_tokens and writer else None
+    shown = f" · tracking {last:.4f}" if last is not None else ""
+    bar = progress(f"generation {g + 1}/{sp.generations}{shown}", total)
+    res = run_generation(g, ws.parent_for(g), ws.space, ws.spec, ws.pools, ws.evaluator, ws.store,
+                         shard=shard, progress=bar, stale_before=ws.stale_before(g),
+                         track=ws.track if sp.tracking_tokens else None)
+    return res.state  # the generation state is its own completion marker
+
+
+def _genome_for(ws, variant: str):
+    return ws.final_genome() if variant == "searched" else ws.uniform_genome()
+
+
+def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
+    from darwinlm.core.rng import derive_rng
+    from darwinlm.llm.train import posttrain
+
+    spec = ws.spec
+    model = ws.builder.shrunk(_genome_for(ws, task.variant))
+    total = [0]
+    bar_holder = {}
+
+    def on_step(step, steps, loss):
+        if "bar" not in bar_holder:
+            bar_holder["bar"] = progress(f"post-train {task.variant}", steps - step + 1)
+        bar_holder["bar"](1)
+        total[0] = steps
+
+    # the same data order for every variant: a paired comparison
+    losses = posttrain(model, ws.pools.finetune, spec.posttrain, spec.model.compute_dtype,
+                       derive_rng(spec.seed, "posttrain"), store=ws.store, prefix=f"posttrain/{task.variant}",
+                       teacher=ws.model if spec.posttrain.distill > 0 else None, progress=on_step)
+    return {"steps": total[0], "final_loss": losses[-1] if losses else None}
+
+
+def load_posttrained(ws, variant: str):
+    """The shrunk model of ``variant`` with its post-trained weights (if post-training ran)."""
+    from safetensors.torch import load as st_load
+
+    model = ws.builder.shrunk(_genome_for(ws, variant))
+    prefix = f"posttrain/{variant}"
+    if ws.store.exists(f"{prefix}/checkpoint.json"):
+        meta = ws.store.get_json(f"{prefix}/checkpoint.json")
+        t = st_load(ws.store.get_bytes(f"{prefix}/checkpoint.safetensors"))
+        for alias, src in meta["tied"].items():
+            t[alias] = t[src]
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    return model
+
+
+def _export(ws, task: Task, progress: Progress, _shard) -> dict:
+    from .export import export_model
+
+    model = load_posttrained(ws, "searched")
+    return export_model(ws, model, ws.final_genome())
+
+
+def _evaluate(ws, task: Task, progress: Progress, _shard) -> dict:
+    from .report import evaluate_and_report
+
+    return evaluate_and_report(ws, progress)
