@@ -105,14 +105,15 @@ def _resolve(ad: LlamaFamilyAdapter, model: nn.Module, i: int, ls: LayerShrink) 
     )
 
 
-def _resolve_plan(ad: LlamaFamilyAdapter, model: nn.Module, plan: Plan) -> list[_Selection]:
+def resolve_plan(ad: LlamaFamilyAdapter, model: nn.Module, plan: Plan) -> list[_Selection]:
+    """The kept heads, KV heads and channels of every layer of ``model`` under ``plan`` (validated)."""
     bad = [k for k in plan if not (isinstance(k, int) and 0 <= k < ad.num_layers)]
     if bad:
         raise ValueError(f"plan keys must be layer indices in [0, {ad.num_layers}), got {bad}")
     return [_resolve(ad, model, i, plan.get(i, LayerShrink())) for i in range(ad.num_layers)]
 
 
-def _head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
+def head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
     """Row (or column) indices of whole heads: ``[len(heads) * head_dim]``."""
     h = torch.tensor(heads, dtype=torch.long, device=device)
     return (h[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
@@ -135,8 +136,8 @@ def _layer_state(ad, model, i: int, s: _Selection, ls: LayerShrink, dtype) -> di
     """State-dict entries (relative to block ``i``) of the shrunk block."""
     attn, mlp = ad.attention(model, i), ad.mlp(model, i)
     dev = attn.o_proj.weight.device
-    q_idx = None if s.full_heads else _head_rows(s.heads, ad.head_dim, dev)
-    kv_idx = None if s.full_kv else _head_rows(s.kv_kept, ad.head_dim, dev)
+    q_idx = None if s.full_heads else head_rows(s.heads, ad.head_dim, dev)
+    kv_idx = None if s.full_kv else head_rows(s.kv_kept, ad.head_dim, dev)
     ch_idx = None if s.full_channels else torch.tensor(s.channels, dtype=torch.long, device=dev)
     o_w = attn.o_proj.weight
     d_w = mlp.down_proj.weight
@@ -217,7 +218,7 @@ def shrink_model(model: nn.Module, plan: Plan, *, dtype: torch.dtype | None = No
     The result has the source's attention implementation, training mode and generation config.
     """
     ad = adapter_for(model)
-    sel = _resolve_plan(ad, model, plan)
+    sel = resolve_plan(ad, model, plan)
     config = ad.shrunk_config(
         model,
         layer_num_heads=[len(s.heads) for s in sel],
@@ -247,17 +248,17 @@ def mask_model(model: nn.Module, plan: Plan) -> nn.Module:
     replacement weights are written into the kept columns. q/k/v and gate/up stay (they are dead).
     """
     ad = adapter_for(model)
-    sel = _resolve_plan(ad, model, plan)
+    sel = resolve_plan(ad, model, plan)
     masked = copy.deepcopy(model)
     with torch.no_grad():
         for i, s in enumerate(sel):
             ls = plan.get(i, LayerShrink())
-            _mask_columns(ad.o_proj(masked, i).weight, _head_rows(s.heads, ad.head_dim, "cpu"), ls.o_proj)
-            _mask_columns(ad.down_proj(masked, i).weight, torch.tensor(s.channels, dtype=torch.long), ls.down_proj)
+            mask_columns(ad.o_proj(masked, i).weight, head_rows(s.heads, ad.head_dim, "cpu"), ls.o_proj)
+            mask_columns(ad.down_proj(masked, i).weight, torch.tensor(s.channels, dtype=torch.long), ls.down_proj)
     return masked
 
 
-def _mask_columns(w: torch.Tensor, keep: torch.Tensor, replacement: torch.Tensor | None) -> None:
+def mask_columns(w: torch.Tensor, keep: torch.Tensor, replacement: torch.Tensor | None) -> None:
     """Zero every column of ``w`` ([out, in]) not in ``keep``; write ``replacement`` into ``keep``."""
     keep = keep.to(w.device)
     kept = replacement.to(device=w.device, dtype=w.dtype) if replacement is not None else w[:, keep]
@@ -281,7 +282,7 @@ def expand_to_dense(shrunk: nn.Module, source_config: PreTrainedConfig | None = 
         for i in range(ad.num_layers):
             o = ad.o_proj(shrunk, i).weight  # [hidden, heads*hd]
             dense_o = o.new_zeros(ad.hidden_size, dense_heads * ad.head_dim)
-            dense_o[:, _head_rows(ad.source_heads(shrunk, i), ad.head_dim, o.device)] = o
+            dense_o[:, head_rows(ad.source_heads(shrunk, i), ad.head_dim, o.device)] = o
             out[ad.attn_name(i)] = dense_o
             d = ad.down_proj(shrunk, i).weight  # [hidden, channels]
             dense_d = d.new_zeros(ad.hidden_size, dense_channels)

@@ -45,7 +45,7 @@ from darwinlm.core.selection import Stage, run_selection
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.data import sample_at_least, sample_exact
 from darwinlm.llm.fitness import TeacherCache, fitness
-from darwinlm.llm.shrink import LayerShrink, _head_rows, _mask_columns, _resolve_plan, mask_model, shrink_model
+from darwinlm.llm.shrink import LayerShrink, head_rows, mask_columns, resolve_plan, mask_model, shrink_model
 from darwinlm.llm.train import ColumnMask, finetune, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class CandidateBuilder:
             model = mask_model(self.base, plan)
         else:
             model = into
-            sel = _resolve_plan(self.ad, self.base, plan)
+            sel = resolve_plan(self.ad, self.base, plan)
             with torch.no_grad():
                 for dst, src in zip(model.parameters(), self.base.parameters(), strict=True):
                     dst.copy_(src)
@@ -130,9 +130,9 @@ class CandidateBuilder:
                     dst.copy_(src)
                 for i, sl in enumerate(sel):
                     ls = plan.get(i, LayerShrink())
-                    _mask_columns(self.ad.o_proj(model, i).weight, _head_rows(sl.heads, self.ad.head_dim, "cpu"),
+                    mask_columns(self.ad.o_proj(model, i).weight, head_rows(sl.heads, self.ad.head_dim, "cpu"),
                                   ls.o_proj)
-                    _mask_columns(self.ad.down_proj(model, i).weight, torch.tensor(sl.channels, dtype=torch.long),
+                    mask_columns(self.ad.down_proj(model, i).weight, torch.tensor(sl.channels, dtype=torch.long),
                                   ls.down_proj)
         model.requires_grad_(True)  # the base is frozen; the candidate trains
         masks = {}

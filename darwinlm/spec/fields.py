@@ -127,7 +127,8 @@ def describe(hint: Any) -> str:
     return text + " or null" if optional else text
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """The JSON name of ``value``'s type for error messages: object, array, string, integer, ..."""
     if isinstance(value, Mapping):
         return "object"
     if isinstance(value, (list, tuple)):
@@ -176,7 +177,7 @@ def convert(value: Any, hint: Any, path: str, errors: Problems) -> Any:
         if isinstance(value, inner):
             return value
         if not isinstance(value, Mapping):
-            errors.append((path, f"expected an object, got {_kind(value)}"))
+            errors.append((path, f"expected an object, got {kind_of(value)}"))
             return INVALID
         return from_mapping(inner, value, path, errors)
     if typing.get_origin(inner) is Literal:
@@ -194,7 +195,7 @@ def convert(value: Any, hint: Any, path: str, errors: Problems) -> Any:
 
 def _convert_array(value: Any, hint: Any, path: str, errors: Problems) -> Any:
     if not isinstance(value, (list, tuple)):
-        errors.append((path, f"expected {describe(hint)}, got {_kind(value)}"))
+        errors.append((path, f"expected {describe(hint)}, got {kind_of(value)}"))
         return INVALID
     item_hints = _item_hints(hint, len(value))
     if item_hints is None:
@@ -216,7 +217,7 @@ def _convert_scalar(value: Any, hint: Any, path: str, errors: Problems) -> Any:
     if hint in (bool, str) and isinstance(value, hint):
         return value
     shown = f" ({value!r})" if isinstance(value, (str, int, float)) else ""
-    errors.append((path, f"expected {describe(hint)}, got {_kind(value)}{shown}"))
+    errors.append((path, f"expected {describe(hint)}, got {kind_of(value)}{shown}"))
     return INVALID
 
 

@@ -61,9 +61,9 @@ def _object(cls: type, openapi: bool, exclude: Collection[str] = ()) -> dict[str
         if docs.get(f.name):
             prop["description"] = docs[f.name]
         prop.update(_typed(hints[f.name], openapi))
-        _apply_bounds(prop, f.metadata.get("bounds"), openapi)
+        apply_bounds(prop, f.metadata.get("bounds"), openapi)
         if "items" in f.metadata:
-            _apply_bounds(prop["items"], f.metadata["items"], openapi)
+            apply_bounds(prop["items"], f.metadata["items"], openapi)
         default = default_of(f)
         if default is MISSING:
             required.append(f.name)
@@ -82,7 +82,7 @@ def _object(cls: type, openapi: bool, exclude: Collection[str] = ()) -> dict[str
 
 def _typed(hint: Any, openapi: bool) -> dict[str, Any]:
     inner, optional = strip_optional(hint)
-    out = _plain_type(inner, openapi)
+    out = plain_type(inner, openapi)
     if optional:
         if openapi:
             out["nullable"] = True
@@ -93,7 +93,7 @@ def _typed(hint: Any, openapi: bool) -> dict[str, Any]:
     return out
 
 
-def _plain_type(hint: Any, openapi: bool) -> dict[str, Any]:
+def plain_type(hint: Any, openapi: bool) -> dict[str, Any]:
     if dataclasses.is_dataclass(hint):
         return _object(hint, openapi)
     origin = typing.get_origin(hint)
@@ -114,7 +114,7 @@ def _plain_type(hint: Any, openapi: bool) -> dict[str, Any]:
     raise TypeError(f"no schema for type {hint!r}")
 
 
-def _apply_bounds(out: dict[str, Any], b: Bounds | None, openapi: bool) -> None:
+def apply_bounds(out: dict[str, Any], b: Bounds | None, openapi: bool) -> None:
     if b is None:
         return
     assert b.ge is None or b.gt is None, "declare at most one lower bound"

@@ -201,7 +201,7 @@ def key_path(path: str, key: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return sf._kind(value)  # noqa: SLF001 - the library's own type names, shared on purpose
+    return sf.kind_of(value)  # the library's own type names, shared on purpose
 
 
 def _quantity(value: Any, path: str, errors: sf.Problems) -> Any:

@@ -32,7 +32,7 @@ import yaml
 
 from darwinlm.spec import API_VERSION, KIND, Bounds, json_schema
 from darwinlm.spec import fields as sf
-from darwinlm.spec.schema import _apply_bounds, _plain_type
+from darwinlm.spec.schema import apply_bounds, plain_type
 from darwinlm_operator.kspec import (
     DNS_LABEL,
     LIBRARY_LIMITS,
@@ -100,11 +100,11 @@ def _field_schema(hint: Any, meta: typing.Mapping) -> dict[str, Any]:
         if bounds is not None and bounds.max_items is not None:
             out["maxProperties"] = bounds.max_items
         if meta.get("items") is not None:
-            _apply_bounds(out["additionalProperties"], meta["items"], True)
+            apply_bounds(out["additionalProperties"], meta["items"], True)
     else:
-        _apply_bounds(out, bounds, True)
+        apply_bounds(out, bounds, True)
         if meta.get("items") is not None:
-            _apply_bounds(out["items"], meta["items"], True)
+            apply_bounds(out["items"], meta["items"], True)
     if meta.get("format"):
         out["format"] = meta["format"]
     if optional:
@@ -129,7 +129,7 @@ def _type_schema(hint: Any, meta: typing.Mapping) -> dict[str, Any]:
             out["properties"] = {}
             for key, spec in meta["open_keys"].items():
                 out["properties"][key] = {"description": spec.description, "type": "string"}
-                _apply_bounds(out["properties"][key], spec.bounds, True)
+                apply_bounds(out["properties"][key], spec.bounds, True)
         out["x-kubernetes-preserve-unknown-fields"] = True
         return out
     if value is not None:
@@ -137,7 +137,7 @@ def _type_schema(hint: Any, meta: typing.Mapping) -> dict[str, Any]:
     if hint is Quantity:
         return {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY,
                 "x-kubernetes-int-or-string": True}
-    return _plain_type(hint, True)
+    return plain_type(hint, True)
 
 
 # ----------------------------------------------------------------------------- CEL rules of the spec
@@ -239,7 +239,7 @@ def spec_schema() -> dict[str, Any]:
     """``openAPIV3Schema.properties.spec``: the library schema + Kubernetes fields + limits + CEL."""
     out = json_schema(openapi=True)
     for path, bounds in LIBRARY_LIMITS.items():
-        _apply_bounds(_at(out, path), bounds, True)
+        apply_bounds(_at(out, path), bounds, True)
     _at(out, "evaluation.baselines")["x-kubernetes-list-type"] = "set"
     for path, rules in library_rules().items():
         _at(out, path).setdefault("x-kubernetes-validations", []).extend(r.to_schema() for r in rules)

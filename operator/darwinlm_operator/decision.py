@@ -1,7 +1,7 @@
 """What ``reconcile.decide`` reads and returns, and the per-call context its rules share.
 
 Why this module exists: the rules of ``decide`` (in ``reconcile``) and the status writers they call (in
-``status``) all work on one context, :class:`_Ctx`: the PruningSearch as read, the status as decided so
+``status``) all work on one context, :class:`Context`: the PruningSearch as read, the status as decided so
 far, the retry ledger and the :class:`Decision` being built. Holding these types apart lets both modules
 import them without importing each other. :class:`StoreView` is the read-only store boundary
 (``creds.StoreView`` implements it); :class:`Decision` is what the handlers apply.
@@ -18,7 +18,7 @@ from . import conditions as C
 from .jobstate import get
 from .kspec import JobDefaults
 
-__all__ = ["Decision", "Event", "StoreView"]
+__all__ = ["Context", "Decision", "Event", "StoreView"]
 
 
 class StoreView(Protocol):
@@ -53,7 +53,9 @@ class Decision:
 
 
 @dataclasses.dataclass
-class _Ctx:
+class Context:
+    """One call of ``decide``: what was read, the status decided so far and the Decision being built."""
+
     cr: Mapping
     jobs: list  # the Jobs this PruningSearch owns
     pods: list

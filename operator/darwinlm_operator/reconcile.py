@@ -42,7 +42,7 @@ from darwinlm.core.plan import Task, done_key, next_tasks
 from darwinlm.spec import spec_to_dict
 
 from . import conditions as C
-from .decision import Decision, Event, StoreView, _Ctx  # noqa: F401 - Event is re-exported
+from .decision import Context, Decision, Event, StoreView  # noqa: F401 - Event is re-exported
 from .jobstate import (attempt_of, classify_failure, first_error_line, get, is_deleting, job_end,  # noqa: F401
                        job_outcome, job_usage, pending_timeout)
 from .kspec import JobDefaults, job_image, load_psearch
@@ -74,7 +74,7 @@ def decide(cr: Mapping, jobs: list[Mapping], pods: list[Mapping], store: StoreVi
     old = dict(get(cr, "status", default={}))
     uid = get(cr, "metadata", "uid")
     owned = [j for j in jobs if _owned(j, uid)]
-    ctx = _Ctx(cr, owned, pods, store, now, old, {k: old[k] for k in _OWNED if k in old}, Decision(),
+    ctx = Context(cr, owned, pods, store, now, old, {k: old[k] for k in _OWNED if k in old}, Decision(),
                defaults=defaults)
     ctx.status["attempts"] = dict(old.get("attempts") or {})
     if get(cr, "metadata", "deletionTimestamp"):
@@ -127,7 +127,7 @@ def as_manifest(cr: Mapping) -> dict:
             "metadata": {"name": get(cr, "metadata", "name")}, "spec": cr.get("spec") or {}}
 
 
-def _account(ctx: _Ctx) -> None:
+def _account(ctx: Context) -> None:
     """Record every finished Job once in ``status.attempts`` (the retry ledger)."""
     for job in ctx.jobs:
         name = get(job, "metadata", "name")
@@ -160,7 +160,7 @@ def _spec_conflict(spec, store: StoreView | None) -> list[tuple[str, str]]:
                 f"or create a new PruningSearch") for k in keys]
 
 
-def _drive(ctx: _Ctx, task: Task) -> bool:
+def _drive(ctx: Context, task: Task) -> bool:
     """Wait for, retry or start ``task``; True when the search failed (stop)."""
     tjobs = [j for j in ctx.jobs if get(j, "metadata", "labels", LABEL_TASK) == task.name]
     live = [j for j in tjobs if job_outcome(j) is None and not is_deleting(j)]

@@ -4,7 +4,7 @@ Why this module exists: every rule of ``decide`` ends in a status change - Inval
 (then ttlSecondsAfterFinished), Failed (DeadlineExceeded, a task failing), Suspended or resumed,
 Succeeded, or Running with the stage as reason - and every call on a valid, live search refreshes the
 progress fields from the store (generation i/N, best fitness, ETA, offspring, checkpoint). These
-writers work on the per-call context (``decision._Ctx``): they set metav1 conditions through
+writers work on the per-call context (``decision.Context``): they set metav1 conditions through
 ``conditions`` and post Events; a transition that stops the search deletes its active Jobs, recording
 them in the retry ledger. :func:`status_patch` turns the decided status into the JSON merge patch the
 handlers apply.
@@ -18,7 +18,7 @@ from typing import Any
 from darwinlm.core.plan import Task, done_key, generations_planned
 
 from . import conditions as C
-from .decision import _Ctx
+from .decision import Context
 from .jobstate import attempt_of, get, is_deleting, job_outcome, job_usage
 from .render import LABEL_TASK
 
@@ -28,7 +28,7 @@ _STAGE_REASONS = {"database": C.BUILDING_DATABASE, "sensitivity": C.MEASURING_SE
                   "export": C.EXPORTING, "evaluate": C.EVALUATING}
 
 
-def _delete_active(ctx: _Ctx, cause: str) -> None:
+def _delete_active(ctx: Context, cause: str) -> None:
     for job in ctx.jobs:
         name = get(job, "metadata", "name")
         if job_outcome(job) is not None or is_deleting(job):
@@ -41,7 +41,7 @@ def _delete_active(ctx: _Ctx, cause: str) -> None:
                                 "permanent": False, "generation": ctx.gen, "seconds": secs, "gpuSeconds": gpus}
 
 
-def _invalid(ctx: _Ctx, errors: list[tuple[str, str]]) -> None:
+def _invalid(ctx: Context, errors: list[tuple[str, str]]) -> None:
     shown = [(p if p.startswith("metadata.") else ("spec." + p if p else "spec"), m) for p, m in errors]
     message = "; ".join(f"{p}: {m}" for p, m in shown)
     was = C.get_condition(ctx.old.get("conditions"), C.INVALID)
@@ -55,7 +55,7 @@ def _invalid(ctx: _Ctx, errors: list[tuple[str, str]]) -> None:
     ctx.cond(C.RUNNING, False, C.SPEC_INVALID, "no Jobs run while the spec is invalid")
 
 
-def _valid(ctx: _Ctx) -> None:
+def _valid(ctx: Context) -> None:
     ctx.cond(C.INVALID, False, C.SPEC_VALID, "the spec is valid")
     failed = C.get_condition(ctx.status.get("conditions"), C.FAILED)
     if failed is None or (failed.get("status") == "True" and failed.get("reason") == C.SPEC_INVALID):
@@ -63,14 +63,14 @@ def _valid(ctx: _Ctx) -> None:
         ctx.status["completionTime"] = None
 
 
-def _ttl(ctx: _Ctx) -> None:
+def _ttl(ctx: Context) -> None:
     ttl = ctx.kspec.ttlSecondsAfterFinished if ctx.kspec is not None else None
     done = C.parse_timestamp(ctx.status.get("completionTime"))
     if ttl is not None and done is not None and (ctx.now - done).total_seconds() >= ttl:
         ctx.out.delete_self = True
 
 
-def _terminal(ctx: _Ctx) -> bool:
+def _terminal(ctx: Context) -> bool:
     """Succeeded stays; Failed stays until the spec changes (then the search is re-evaluated).
     A Failed caused by an invalid spec is not terminal: ``_valid`` clears it once the spec is fixed."""
     conds = ctx.old.get("conditions")
@@ -91,7 +91,7 @@ def _terminal(ctx: _Ctx) -> bool:
     return False
 
 
-def _fail(ctx: _Ctx, reason: str, message: str) -> None:
+def _fail(ctx: Context, reason: str, message: str) -> None:
     _delete_active(ctx, reason)
     ctx.status.update(phase="Failed", completionTime=C.timestamp(ctx.now), message=message, eta=None)
     ctx.cond(C.FAILED, True, reason, message)
@@ -100,7 +100,7 @@ def _fail(ctx: _Ctx, reason: str, message: str) -> None:
     ctx.event("Warning", reason, message)
 
 
-def _deadline_passed(ctx: _Ctx) -> bool:
+def _deadline_passed(ctx: Context) -> bool:
     limit = ctx.kspec.activeDeadlineSeconds
     start = C.parse_timestamp(ctx.status.get("startTime"))
     if limit is None or start is None or (ctx.now - start).total_seconds() < limit:
@@ -110,7 +110,7 @@ def _deadline_passed(ctx: _Ctx) -> bool:
     return True
 
 
-def _suspend(ctx: _Ctx) -> None:
+def _suspend(ctx: Context) -> None:
     active = [j for j in ctx.jobs if job_outcome(j) is None and not is_deleting(j)]
     _delete_active(ctx, C.SUSPENDED_BY_USER)
     if ctx.status.get("phase") != "Suspended":
@@ -122,7 +122,7 @@ def _suspend(ctx: _Ctx) -> None:
     ctx.cond(C.RETRYING, False, C.NO_RETRY, "the search is suspended")
 
 
-def _resume(ctx: _Ctx) -> None:
+def _resume(ctx: Context) -> None:
     if C.is_true(ctx.old.get("conditions"), C.SUSPENDED):
         ctx.cond(C.SUSPENDED, False, C.RESUMED, "resumed from the store")
         ctx.event("Normal", C.RESUMED, "resumed: continuing from the last completed task in the store")
@@ -142,7 +142,7 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
 
 
-def _progress(ctx: _Ctx, tasks: list[Task]) -> None:
+def _progress(ctx: Context, tasks: list[Task]) -> None:
     """Generation i/N, best fitness, ETA, offspring counts and the checkpoint, from the store."""
     from darwinlm.core.plan import all_tasks
 
@@ -176,7 +176,7 @@ def _progress(ctx: _Ctx, tasks: list[Task]) -> None:
                                                   f"{st['bestFitness']}")
 
 
-def _succeed(ctx: _Ctx) -> None:
+def _succeed(ctx: Context) -> None:
     ctx.status.update(phase="Succeeded", resultURI=f"{ctx.store.uri}/result", eta=None,
                       completionTime=C.timestamp(ctx.now), message=f"result in {ctx.store.uri}/result")
     ctx.status.setdefault("startTime", C.timestamp(ctx.now))
@@ -190,7 +190,7 @@ def _why(rec: Mapping) -> str:
     return f"{rec.get('reason')}: {rec.get('message', '')}".rstrip(": ")
 
 
-def _running(ctx: _Ctx, tasks: list[Task]) -> None:
+def _running(ctx: Context, tasks: list[Task]) -> None:
     names = {t.name for t in tasks}
     stage = _STAGE_REASONS[tasks[0].kind]
     message = f"{stage}: " + ", ".join(sorted(names))
