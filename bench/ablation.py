@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from darwinlm.spec import load_spec, with_overrides
+from darwinlm.store import layout
 
 log = logging.getLogger("bench.ablation")
 
@@ -92,11 +93,9 @@ def _rows(summary: dict) -> dict:
 
 
 def _search_cost(ws) -> dict:
-    from darwinlm.run.search import state_key
-
     secs, ft, evals = 0.0, 0, 0
     for g in range(ws.spec.search.generations):
-        st = ws.store.get_json(state_key(g))
+        st = ws.store.get_json(layout.generation_state(g))
         secs += st["seconds"]
         ft += st["finetune_tokens"]
         evals += st["evaluations"]
@@ -145,10 +144,10 @@ def run(args) -> dict:
         log.info("variant %s (%s): search %s in %s", v, LABELS[v], spec.name, spec.store)
         ws = run_search(spec) if not args.report_only else Workspace(spec)
         wall = time.time() - t0
-        if not ws.store.exists("result/summary.json"):
-            raise SystemExit(f"variant {v}: {ws.store.uri}/result/summary.json missing (run without --report-only)")
+        if not ws.store.exists(layout.SUMMARY):
+            raise SystemExit(f"variant {v}: {ws.store.uri}/{layout.SUMMARY} missing (run without --report-only)")
         results[v] = {"search": spec.name, "uri": ws.store.uri, "wall_seconds_this_call": round(wall, 1),
-                      "summary_rows": ws.store.get_json("result/summary.json")["rows"], **_search_cost(ws)}
+                      "summary_rows": ws.store.get_json(layout.SUMMARY)["rows"], **_search_cost(ws)}
         workspaces[v] = ws
         log.info("variant %s done in %.0fs", v, wall)
 

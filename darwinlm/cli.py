@@ -22,6 +22,7 @@ import os
 import sys
 
 from .errors import InfeasibleTargetError, SpecError, StoreError
+from .store import layout
 
 log = logging.getLogger("darwinlm")
 
@@ -84,7 +85,7 @@ def _cmd_run(args) -> int:
 
     spec = _load(args)
     ws = run_search(spec, progress=_tqdm_progress)
-    print(f"done: {ws.store.uri}/result (report.md, fitness.png, config.json, model/)")
+    print(f"done: {ws.store.uri}/{layout.RESULT} (report.md, fitness.png, config.json, model/)")
     return EXIT_OK
 
 

@@ -3,7 +3,8 @@
 Why this module exists: the embedded runner and the Kubernetes operator drive the same work the same
 way. Neither keeps state in memory: both call ``next_tasks`` again after anything happens (a task
 finishing, a crash, an operator restart) and get the remaining work. It only checks completion markers
-in the search's store, so it needs neither torch nor the model (the operator imports it).
+in the search's store (``darwinlm.store.layout`` spells them), so it needs neither torch nor the model
+(the operator imports it).
 
 Order: ``database`` shards (parallel) → ``sensitivity`` shards (parallel; only with ``search.init:
 sensitivity``) → ``generation`` g = 0..G-1 (sequential; the generations after an early stop, recorded in
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from darwinlm.store import layout
+
 __all__ = ["Task", "done_key", "next_tasks", "all_tasks", "progress", "stopped_after", "generations_planned",
            "STOP_KEY"]
 
 KINDS = ("database", "sensitivity", "generation", "posttrain", "export", "evaluate")
 
-STOP_KEY = "generations/stop.json"
+STOP_KEY = layout.STOP
 """Written by the generation that ends the search early (``search.patience``): ``{"after": g, ...}``."""
 
 
@@ -60,15 +63,15 @@ class Task:
 def done_key(task: Task) -> str:
     """The marker (relative to the search's store) whose existence means the task is complete."""
     if task.kind in ("database", "sensitivity"):
-        return f"{task.kind}/shard-{task.index}-of-{task.count}.json"
+        return layout.shard_done(task.kind, task.index, task.count)
     if task.kind == "generation":
-        return f"generations/{task.index:05d}/state.json"
+        return layout.generation_state(task.index)
     if task.kind == "posttrain":
-        return f"posttrain/{task.variant}/done.json"
+        return layout.posttrain_done(task.variant)
     if task.kind == "export":
-        return "result/export.json"
+        return layout.EXPORT_DONE
     if task.kind == "evaluate":
-        return "result/summary.json"
+        return layout.SUMMARY
     raise ValueError(task.kind)
 
 

@@ -46,6 +46,7 @@ from safetensors.torch import save as st_save
 
 from darwinlm.core.ladder import Ladder, ladder_from
 from darwinlm.errors import ChecksumMismatch
+from darwinlm.store import layout
 
 from .adapter import adapter_for
 from .obs import obs_prune
@@ -158,7 +159,7 @@ def _calibration_chunks(pool, tokens: int):
 def build_shard(model, db_spec, compute_dtype: str, calibration_pool, store, key: str, shard: int,
                 shards: int, progress=None) -> list[str]:
     """Build (or skip, if present) the layers of one shard and write its marker. Returns its layers."""
-    marker = f"databases/{key}/shards/{shard}-of-{shards}.json"
+    marker = layout.database_shard(key, shard, shards)
     ladders = layer_ladders(model, db_spec)
     ad = adapter_for(model)
     blocks = shard_blocks(ad.num_layers, shard, shards)
@@ -185,8 +186,7 @@ def build_shard(model, db_spec, compute_dtype: str, calibration_pool, store, key
     return names
 
 
-def layer_key(key: str, name: str) -> str:
-    return f"databases/{key}/layers/{name}.safetensors"
+layer_key = layout.database_layer  # (database key, layer name) -> the key of its layer file
 
 
 def layer_file(res, kind: str, block: int, ladder: Ladder, dtype: torch.dtype) -> bytes:
@@ -205,13 +205,13 @@ def layer_file(res, kind: str, block: int, ladder: Ladder, dtype: torch.dtype) -
 
 def finalize(model, db_spec, store, key: str, calibration_digest: str, shards: int) -> dict | None:
     """Write the manifest once every shard is complete (idempotent). Returns it, or None if incomplete."""
-    mkey = f"databases/{key}/manifest.json"
+    mkey = layout.database_manifest(key)
     if store.exists(mkey):
         return store.get_json(mkey)
-    if not all(store.exists(f"databases/{key}/shards/{k}-of-{shards}.json") for k in range(shards)):
+    if not all(store.exists(layout.database_shard(key, k, shards)) for k in range(shards)):
         return None
     ladders = layer_ladders(model, db_spec)
-    seconds = sum(store.get_json(f"databases/{key}/shards/{k}-of-{shards}.json")["seconds"] for k in range(shards))
+    seconds = sum(store.get_json(layout.database_shard(key, k, shards))["seconds"] for k in range(shards))
     manifest = {
         "algorithm": ALGORITHM_VERSION,
         "model_fingerprint": model_fingerprint(model),
@@ -241,7 +241,7 @@ class LayerDatabase:
 
     def __init__(self, store, key: str, *, cache_layers: int = 128):
         self.store, self.key = store, key
-        self.manifest = store.get_json(f"databases/{key}/manifest.json")
+        self.manifest = store.get_json(layout.database_manifest(key))
         self.layers = list(self.manifest["layers"])
         self.ladders = {n: Ladder(units=m["units"], removed=tuple(m["removed"])) for n, m in self.manifest["layers"].items()}
         self._cache: OrderedDict[str, _Entry] = OrderedDict()

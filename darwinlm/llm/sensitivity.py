@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from darwinlm.store import layout
+
 from .adapter import adapter_for
 from .runtime import autocast
 
@@ -205,7 +207,8 @@ def measure_blocks(model, db, chunks: Sequence[torch.Tensor], compute_dtype: str
 
 # ------------------------------------------------------------------------------------------ the stored table
 #
-# Under the layer database it was measured on (content-addressed, shared by every search on that database):
+# Under the layer database it was measured on (content-addressed, shared by every search on that database;
+# darwinlm.store.layout spells the keys):
 #   databases/<db>/sensitivity/<key>/blocks/<b>.json       the rows of block b's layers (resume unit)
 #   databases/<db>/sensitivity/<key>/shards/<k>-of-<K>.json  shard completion markers
 #   databases/<db>/sensitivity/<key>/table.json              the whole table, once every shard is complete
@@ -237,28 +240,23 @@ def table_key(db_key: str, chunks: Sequence[torch.Tensor], sens_spec) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _prefix(db_key: str, key: str) -> str:
-    return f"databases/{db_key}/sensitivity/{key}"
-
-
 def build_shard(model, db, sens_spec, chunks: Sequence[torch.Tensor], store, db_key: str, key: str, shard: int,
                 shards: int, progress: Callable[[int], None] | None = None) -> dict:
     """Measure (or skip, if present) the blocks of one shard, one stored block at a time; returns the shard
     marker. A crash loses at most the block being measured."""
     from .database import shard_blocks
 
-    pre = _prefix(db_key, key)
-    marker = f"{pre}/shards/{shard}-of-{shards}.json"
+    marker = layout.sensitivity_shard(db_key, key, shard, shards)
     if store.exists(marker):
         return {**store.get_json(marker), "reused": True}
     t0 = time.time()
     blocks = list(shard_blocks(adapter_for(model).num_layers, shard, shards))
-    todo = [b for b in blocks if not store.exists(f"{pre}/blocks/{b}.json")]
+    todo = [b for b in blocks if not store.exists(layout.sensitivity_block(db_key, key, b))]
     if progress is not None and len(todo) < len(blocks):
         progress(len(chunks) * (len(blocks) - len(todo)))
 
     def save(b: int, rows: dict) -> None:
-        store.put_json(f"{pre}/blocks/{b}.json", {"block": b, "rows": rows})
+        store.put_json(layout.sensitivity_block(db_key, key, b), {"block": b, "rows": rows})
 
     if todo:
         measure_blocks(model, db, chunks, sens_spec.dtype, todo, on_block=save, progress=progress)
@@ -270,20 +268,19 @@ def build_shard(model, db, sens_spec, chunks: Sequence[torch.Tensor], store, db_
 
 def finalize(store, db_key: str, key: str, shards: int, num_blocks: int, meta: dict) -> dict | None:
     """Assemble ``table.json`` once every shard is complete (idempotent); the table, or None if incomplete."""
-    pre = _prefix(db_key, key)
-    if store.exists(f"{pre}/table.json"):
-        return store.get_json(f"{pre}/table.json")
-    if not all(store.exists(f"{pre}/shards/{k}-of-{shards}.json") for k in range(shards)):
+    if store.exists(layout.sensitivity_table(db_key, key)):
+        return store.get_json(layout.sensitivity_table(db_key, key))
+    if not all(store.exists(layout.sensitivity_shard(db_key, key, k, shards)) for k in range(shards)):
         return None
     layers: dict[str, list[float]] = {}
     for b in range(num_blocks):
-        layers.update(store.get_json(f"{pre}/blocks/{b}.json")["rows"])
-    seconds = sum(store.get_json(f"{pre}/shards/{k}-of-{shards}.json")["seconds"] for k in range(shards))
+        layers.update(store.get_json(layout.sensitivity_block(db_key, key, b))["rows"])
+    seconds = sum(store.get_json(layout.sensitivity_shard(db_key, key, k, shards))["seconds"] for k in range(shards))
     table = {**meta, "algorithm": ALGORITHM_VERSION, "database": db_key, "key": key, "shards": shards,
              "seconds": round(seconds, 3), "layers": layers}
-    store.put_json(f"{pre}/table.json", table)
+    store.put_json(layout.sensitivity_table(db_key, key), table)
     return table
 
 
 def load_table(store, db_key: str, key: str) -> dict:
-    return store.get_json(f"{_prefix(db_key, key)}/table.json")
+    return store.get_json(layout.sensitivity_table(db_key, key))

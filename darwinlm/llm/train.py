@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from darwinlm.store import layout
+
 from .runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -181,9 +183,9 @@ def _checkpoint(model, opt, sched, store, prefix, step, total) -> None:
             if torch.is_tensor(v):
                 tensors[f"opt.{names[id(p)]}.{k}"] = v.detach().contiguous()
     tied = _dedupe(tensors)
-    store.put_bytes(f"{prefix}/checkpoint.safetensors", st_save(tensors))
-    store.put_json(f"{prefix}/checkpoint.json", {"step": step, "total": total, "tied": tied,
-                                                  "scheduler": sched.state_dict()})
+    store.put_bytes(layout.checkpoint_weights(prefix), st_save(tensors))
+    store.put_json(layout.checkpoint_meta(prefix), {"step": step, "total": total, "tied": tied,
+                                                    "scheduler": sched.state_dict()})
 
 
 def _dedupe(tensors: dict) -> dict:
@@ -200,10 +202,10 @@ def _dedupe(tensors: dict) -> dict:
 
 
 def _resume(model, opt, sched, store, prefix) -> int:
-    if not store.exists(f"{prefix}/checkpoint.json"):
+    if not store.exists(layout.checkpoint_meta(prefix)):
         return 0
-    meta = store.get_json(f"{prefix}/checkpoint.json")
-    t = st_load(store.get_bytes(f"{prefix}/checkpoint.safetensors"))
+    meta = store.get_json(layout.checkpoint_meta(prefix))
+    t = st_load(store.get_bytes(layout.checkpoint_weights(prefix)))
     for alias, src in meta["tied"].items():
         t[alias] = t[src]
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})

@@ -17,6 +17,7 @@ from darwinlm import __version__
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.runtime import torch_dtype
 from darwinlm.spec import spec_to_dict
+from darwinlm.store import layout
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def export_model(ws, model, genome) -> dict:
         if ws.tokenizer is not None:
             ws.tokenizer.save_pretrained(out)
         (out / "darwinlm.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
-        ws.store.delete_prefix("result/model/")
-        ws.store.put_dir("result/model", out)
-    ws.store.put_json("result/config.json", genome.to_dict())
-    ws.store.put_bytes("result/config.txt", config_text(genome).encode())
-    log.info("exported %d non-embedding parameters (%.1f%% of dense) to %s/result/model", params,
-             100.0 * params / dense, ws.store.uri)
+        ws.store.delete_prefix(f"{layout.MODEL_DIR}/")
+        ws.store.put_dir(layout.MODEL_DIR, out)
+    ws.store.put_json(layout.CONFIG_JSON, genome.to_dict())
+    ws.store.put_bytes(layout.CONFIG_TXT, config_text(genome).encode())
+    log.info("exported %d non-embedding parameters (%.1f%% of dense) to %s/%s", params,
+             100.0 * params / dense, ws.store.uri, layout.MODEL_DIR)
     return {"nonembedding_params": params, "dense_nonembedding_params": dense, "target_nonembedding_params": target,
-            "model_uri": f"{ws.store.uri}/result/model"}
+            "model_uri": f"{ws.store.uri}/{layout.MODEL_DIR}"}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.runtime import autocast
-from .search import state_key
+from darwinlm.store import layout
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +133,19 @@ def _evaluate(ws, progress) -> tuple[dict[str, list[dict]], list[dict]]:
 def search_summary(ws) -> dict:
     """The search as the report shows it: the curve (tracking score of every generation's winner), how the
     first parent was chosen, and why the search stopped."""
-    from darwinlm.core.plan import STOP_KEY, generations_planned
+    from darwinlm.core.plan import generations_planned
 
     spec = ws.spec
     init = ws.init_record()
     tracking = init.get("tracking", {})
     curve = []
     for g in range(generations_planned(spec, ws.store)):
-        st = ws.store.get_json(state_key(g))
+        st = ws.store.get_json(layout.generation_state(g))
         curve.append({"generation": g, "best_fitness": st["best_fitness"], "parent_survived": st["parent_survived"],
                       "tracking": st.get("tracking", {}).get("fitness"), "seconds": st.get("seconds")})
     G = spec.search.generations
-    if ws.store.exists(STOP_KEY):
-        stop = ws.store.get_json(STOP_KEY)
+    if ws.store.exists(layout.STOP):
+        stop = ws.store.get_json(layout.STOP)
         why = f"stopped early after generation {stop['after']} of {G}: {stop['message']}"
     else:
         why = f"ran all {G} generations" + (f" (search.patience = {spec.search.patience} was not reached)"
@@ -265,8 +265,8 @@ def evaluate_and_report(ws, progress) -> dict:
     rows, comparisons = _evaluate(ws, progress)
     search = search_summary(ws)
     genome = ws.final_genome()
-    ws.store.put_bytes("result/fitness.png", _plot(search, genome, ws.space))
-    ws.store.put_bytes("result/report.md", _markdown(ws, rows, comparisons, search, genome).encode())
+    ws.store.put_bytes(layout.FITNESS_PLOT, _plot(search, genome, ws.space))
+    ws.store.put_bytes(layout.REPORT, _markdown(ws, rows, comparisons, search, genome).encode())
     summary = {"rows": rows["heldout"], "extra_rows": {k: v for k, v in rows.items() if k != "heldout"},
                "comparisons": comparisons, "search": search,
                "fitness_curve": [{k: c[k] for k in ("generation", "best_fitness", "parent_survived")}

@@ -47,6 +47,7 @@ from darwinlm.llm.data import sample_at_least, sample_exact
 from darwinlm.llm.fitness import TeacherCache, fitness
 from darwinlm.llm.shrink import LayerShrink, head_rows, mask_columns, resolve_plan, mask_model, shrink_model
 from darwinlm.llm.train import ColumnMask, finetune, make_optimizer
+from darwinlm.store import layout
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,8 @@ __all__ = [
     "nested_train_batches",
     "run_generation",
     "stage_train_batches",
-    "state_key",
     "target_sums",
 ]
-
-
-def state_key(g: int) -> str:
-    return f"generations/{g:05d}/state.json"
 
 
 def genome_id(genome: Genome) -> str:
@@ -403,13 +399,13 @@ def run_generation(g: int, parent: Genome, space: SearchSpace, spec, pools, eval
 
     ``stale_before``: consecutive generations before ``g`` in which the parent survived; the state records
     the new count as ``stale``, and when it reaches ``search.patience`` the search stops after ``g``
-    (``plan.STOP_KEY`` is written before the state). ``track(winner)``: the winner's score on the fixed
+    (``layout.STOP`` is written before the state). ``track(winner)``: the winner's score on the fixed
     tracking batch, recorded as ``tracking`` (only by the worker that writes the state).
 
     If ``evaluate`` has ``begin_stage(pool, keep)`` (:class:`Evaluator`), it is called before each stage
     with the stage's pool and its survivor count (0 at the last stage) and with ``([], 0)`` at the end, so
     a warm-starting evaluator holds fine-tuned models only for candidates that can still survive."""
-    key = state_key(g)
+    key = layout.generation_state(g)
     if store.exists(key):
         return GenerationResult(store.get_json(key), 0)
     t0 = time.time()
@@ -429,7 +425,7 @@ def run_generation(g: int, parent: Genome, space: SearchSpace, spec, pools, eval
             begin_stage(pool, st.survivors if si < len(stages) - 1 else 0)
 
         def one(genome: Genome) -> float:
-            rkey = f"generations/{g:05d}/results/s{si}-{genome_id(genome)}.json"
+            rkey = layout.candidate_result(g, si, genome_id(genome))
             if store.exists(rkey):
                 counter["reused"] += 1
                 return float(store.get_json(rkey)["fitness"])
@@ -476,11 +472,9 @@ def run_generation(g: int, parent: Genome, space: SearchSpace, spec, pools, eval
     state["seconds"] = round(time.time() - t0, 3)
     if writer:
         if stop is not None:
-            from darwinlm.core.plan import STOP_KEY
-
-            store.put_json(STOP_KEY, {"after": g, "reason": stop, "patience": patience,
-                                      "message": f"the parent survived {stale} generations in a row "
-                                                 f"(search.patience = {patience})"})
+            store.put_json(layout.STOP, {"after": g, "reason": stop, "patience": patience,
+                                         "message": f"the parent survived {stale} generations in a row "
+                                                    f"(search.patience = {patience})"})
         store.put_json(key, state)
     log.info("generation %d: best fitness %s (%s), %d evaluated, %d reused, %.1fs%s%s", g, best,
              "parent kept" if winner == parent else "new parent", counter["evaluated"], counter["reused"],

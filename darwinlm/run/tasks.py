@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from darwinlm.core.plan import Task, done_key
+from darwinlm.store import layout
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
 
     # the same data order for every variant: a paired comparison
     losses = posttrain(model, ws.pools.finetune, spec.posttrain, spec.model.compute_dtype,
-                       derive_rng(spec.seed, "posttrain"), store=ws.store, prefix=f"posttrain/{task.variant}",
+                       derive_rng(spec.seed, "posttrain"), store=ws.store, prefix=layout.posttrain_prefix(task.variant),
                        teacher=ws.model if spec.posttrain.distill > 0 else None, progress=on_step)
     return {"steps": total[0], "final_loss": losses[-1] if losses else None}
 
@@ -123,10 +124,10 @@ def load_posttrained(ws, variant: str):
     from safetensors.torch import load as st_load
 
     model = ws.builder.shrunk(_genome_for(ws, variant))
-    prefix = f"posttrain/{variant}"
-    if ws.store.exists(f"{prefix}/checkpoint.json"):
-        meta = ws.store.get_json(f"{prefix}/checkpoint.json")
-        t = st_load(ws.store.get_bytes(f"{prefix}/checkpoint.safetensors"))
+    prefix = layout.posttrain_prefix(variant)
+    if ws.store.exists(layout.checkpoint_meta(prefix)):
+        meta = ws.store.get_json(layout.checkpoint_meta(prefix))
+        t = st_load(ws.store.get_bytes(layout.checkpoint_weights(prefix)))
         for alias, src in meta["tied"].items():
             t[alias] = t[src]
         model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})

@@ -13,35 +13,30 @@ from functools import cached_property
 
 from darwinlm.errors import SpecError
 from darwinlm.spec import spec_to_dict
-from darwinlm.store import open_store
+from darwinlm.store import layout, open_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Workspace", "search_prefix"]
-
-
-def search_prefix(spec, uid: str | None = None) -> str:
-    return f"searches/{spec.name}" + (f"-{uid}" if uid else "")
+__all__ = ["Workspace"]
 
 
 class Workspace:
     def __init__(self, spec, *, root=None, uid: str | None = None):
         self.spec = spec
         self.root = root if root is not None else open_store(spec.store)
-        self.store = self.root.child(search_prefix(spec, uid))
+        self.store = self.root.child(layout.search_prefix(spec.name, uid))
 
     # -- spec bookkeeping -------------------------------------------------------------------------
     def record_spec(self) -> None:
         """Save the resolved spec next to the artifacts; refuse to resume a search whose spec changed."""
-        mine = {k: v for k, v in spec_to_dict(self.spec).items() if k != "store"}
-        if self.store.exists("spec.json"):
-            old = {k: v for k, v in self.store.get_json("spec.json").items() if k != "store"}
-            if old != mine:
-                diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+        mine = spec_to_dict(self.spec)
+        if self.store.exists(layout.SPEC):
+            diff = layout.spec_drift(self.store.get_json(layout.SPEC), mine)
+            if diff:
                 raise SpecError([(k, "differs from the spec this search was started with "
-                                     f"({self.store.uri}/spec.json); use a new name or store") for k in diff])
+                                     f"({self.store.uri}/{layout.SPEC}); use a new name or store") for k in diff])
             return
-        self.store.put_json("spec.json", spec_to_dict(self.spec))
+        self.store.put_json(layout.SPEC, mine)
 
     # -- heavy state, loaded on first use -----------------------------------------------------------
     @cached_property
@@ -78,7 +73,7 @@ class Workspace:
     def db(self):
         from darwinlm.llm.database import LayerDatabase, finalize
 
-        marker = "database/shard-0-of-%d.json" % self.spec.database.shards
+        marker = layout.shard_done("database", 0, self.spec.database.shards)
         if self.store.exists(marker) and self.store.get_json(marker).get("key") != self.db_key:
             raise SpecError([("database", f"this search was built on layer database "
                                           f"{self.store.get_json(marker).get('key')}, but this library version "
@@ -146,8 +141,8 @@ class Workspace:
         from darwinlm.core.genome import Genome
         from .search import initial_parent
 
-        if self.store.exists("init.json"):
-            return Genome.from_dict(self.space, self.store.get_json("init.json")["parent"])
+        if self.store.exists(layout.INIT):
+            return Genome.from_dict(self.space, self.store.get_json(layout.INIT)["parent"])
         table = self.sensitivity_table() if self.spec.search.init == "sensitivity" else None
         parent, info = initial_parent(self.space, self.spec, self.evaluator, self.pools, table=table)
         uniform = self.uniform_genome()
@@ -155,13 +150,13 @@ class Workspace:
         if self.spec.search.tracking_tokens:
             record["tracking"] = {"tokens": self.spec.search.tracking_tokens, "parent": self.track(parent),
                                   "uniform": self.track(uniform)}
-        self.store.put_json("init.json", record)
+        self.store.put_json(layout.INIT, record)
         return parent
 
     def init_record(self) -> dict:
         """``init.json``: generation 0's parent, how it was chosen, its and the uniform genome's tracking score."""
         self.initial_parent()
-        return self.store.get_json("init.json")
+        return self.store.get_json(layout.INIT)
 
     @cached_property
     def tracking_chunks(self):
@@ -182,25 +177,20 @@ class Workspace:
     def parent_for(self, g: int):
         """The parent generation ``g`` starts from (the winner of g-1)."""
         from darwinlm.core.genome import Genome
-        from .search import state_key
 
         if g == 0:
             return self.initial_parent()
-        return Genome.from_dict(self.space, self.store.get_json(state_key(g - 1))["winner"])
+        return Genome.from_dict(self.space, self.store.get_json(layout.generation_state(g - 1))["winner"])
 
     def stale_before(self, g: int) -> int:
         """Consecutive generations before ``g`` in which the parent survived (for ``search.patience``)."""
-        from .search import state_key
-
-        return int(self.store.get_json(state_key(g - 1)).get("stale", 0)) if g > 0 else 0
+        return int(self.store.get_json(layout.generation_state(g - 1)).get("stale", 0)) if g > 0 else 0
 
     def last_tracking(self, g: int) -> float | None:
         """The tracking score of generation ``g``'s parent (the winner of g-1, or the initial parent)."""
-        from .search import state_key
-
         if g == 0:
             return self.init_record().get("tracking", {}).get("parent")
-        return self.store.get_json(state_key(g - 1)).get("tracking", {}).get("fitness")
+        return self.store.get_json(layout.generation_state(g - 1)).get("tracking", {}).get("fitness")
 
     def final_genome(self):
         from darwinlm.core.plan import generations_planned

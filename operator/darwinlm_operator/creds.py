@@ -22,10 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from darwinlm.errors import ArtifactNotFound
-from darwinlm.store import Store, open_store
+from darwinlm.store import Store, layout, open_store
 
-__all__ = ["CredentialsError", "Credentials", "read_credentials", "open_search_store", "search_prefix",
-           "StoreView", "StoreCache"]
+__all__ = ["CredentialsError", "Credentials", "read_credentials", "open_search_store", "StoreView", "StoreCache"]
 
 CREDENTIALS_TTL = 60.0  # seconds a Secret's values are reused before it is read again (rotation)
 
@@ -51,11 +50,6 @@ class Credentials:
         return "Credentials(***)"
 
     __str__ = __repr__
-
-
-def search_prefix(name: str, uid: str | None) -> str:
-    """``searches/<name>-<uid>``: the store prefix of one PruningSearch (as ``darwinlm.run.workspace``)."""
-    return f"searches/{name}" + (f"-{uid}" if uid else "")
 
 
 def read_credentials(core_v1, namespace: str, ref) -> Credentials:
@@ -132,7 +126,7 @@ class StoreCache:
 
 def open_search_store(cache: StoreCache, spec, kspec, uid: str, core_v1, namespace: str) -> Store:
     """The prefix ``searches/<name>-<uid>`` of the search's store, with the operator's access."""
-    return cache.root(spec.store, kspec, core_v1, namespace).child(search_prefix(spec.name, uid))
+    return cache.root(spec.store, kspec, core_v1, namespace).child(layout.search_prefix(spec.name, uid))
 
 
 class StoreView:

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from darwinlm.errors import SpecError
 from darwinlm.core.plan import Task, done_key, next_tasks
 from darwinlm.spec import spec_to_dict
+from darwinlm.store import layout
 
 from . import conditions as C
 from .decision import Context, Decision, Event, StoreView  # noqa: F401 - Event is re-exported
@@ -151,13 +152,11 @@ def _account(ctx: Context) -> None:
 def _spec_conflict(spec, store: StoreView | None) -> list[tuple[str, str]]:
     """Top-level fields that differ from the spec.json the search's first task saved (the jobs would
     refuse them with exit code 2; this says so before any Job is created)."""
-    saved = store.get_json("spec.json") if store is not None else None
+    saved = store.get_json(layout.SPEC) if store is not None else None
     if not isinstance(saved, Mapping):
         return []
-    mine = spec_to_dict(spec)
-    keys = sorted(k for k in set(saved) | set(mine) if k != "store" and saved.get(k) != mine.get(k))
-    return [(k, f"differs from the spec this search was started with ({store.uri}/spec.json); revert it "
-                f"or create a new PruningSearch") for k in keys]
+    return [(k, f"differs from the spec this search was started with ({store.uri}/{layout.SPEC}); revert it "
+                f"or create a new PruningSearch") for k in layout.spec_drift(saved, spec_to_dict(spec))]
 
 
 def _drive(ctx: Context, task: Task) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from darwinlm.core.plan import Task, done_key, generations_planned
+from darwinlm.store import layout
 
 from . import conditions as C
 from .decision import Context
@@ -156,7 +157,7 @@ def _progress(ctx: Context, tasks: list[Task]) -> None:
     idx = next((i for i, ph in enumerate(phases) if tasks and tasks[0] in ph), len(phases))
     tasks_done = sum(len(ph) for ph in phases[:idx]) + (len(phases[idx]) - len(tasks) if tasks else 0)
     running_gen = bool(tasks) and tasks[0].kind == "generation"
-    partial = len(store.list(f"generations/{done_g:05d}/results")) if running_gen else 0
+    partial = len(store.list(layout.generation_results(done_g))) if running_gen else 0
     evaluated = sum(int(s.get("evaluations") or 0) for s in states) + partial
     st.update(generation=f"{done_g}/{total_g}", generationsDone=done_g, generationsTotal=total_g,
               offspringEvaluated=evaluated)
@@ -177,8 +178,9 @@ def _progress(ctx: Context, tasks: list[Task]) -> None:
 
 
 def _succeed(ctx: Context) -> None:
-    ctx.status.update(phase="Succeeded", resultURI=f"{ctx.store.uri}/result", eta=None,
-                      completionTime=C.timestamp(ctx.now), message=f"result in {ctx.store.uri}/result")
+    result = f"{ctx.store.uri}/{layout.RESULT}"
+    ctx.status.update(phase="Succeeded", resultURI=result, eta=None, completionTime=C.timestamp(ctx.now),
+                      message=f"result in {result}")
     ctx.status.setdefault("startTime", C.timestamp(ctx.now))
     ctx.cond(C.SUCCEEDED, True, C.ALL_TASKS_COMPLETE, f"every task is complete; result in {ctx.status['resultURI']}")
     ctx.cond(C.RUNNING, False, C.FINISHED, "the search is complete")

@@ -9,7 +9,6 @@ import types
 
 import pytest
 
-from darwinlm.run.workspace import search_prefix as library_search_prefix
 from darwinlm_operator import creds
 from darwinlm_operator.kspec import load_psearch
 
@@ -56,11 +55,6 @@ def test_errors_name_the_secret_not_the_values(core, match):
     with pytest.raises(creds.CredentialsError, match=match) as e:
         creds.read_credentials(core, "team-a", _ref())
     assert KEY_ID not in str(e.value)
-
-
-def test_search_prefix_matches_the_library():
-    spec, _ = load_psearch(make_cr())
-    assert creds.search_prefix("tiny", "u-1") == library_search_prefix(spec, "u-1") == "searches/tiny-u-1"
 
 
 def test_s3_store_gets_its_own_session_and_the_env_is_untouched(monkeypatch, caplog):
