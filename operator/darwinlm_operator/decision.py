@@ -4,7 +4,7 @@ Why this module exists: the rules of ``decide`` (in ``reconcile``) and the statu
 ``status``) all work on one context, :class:`Context`: the PruningSearch as read, the status as decided so
 far, the retry ledger and the :class:`Decision` being built. Holding these types apart lets both modules
 import them without importing each other. :class:`StoreView` is the read-only store boundary
-(``creds.StoreView`` implements it); :class:`Decision` is what the handlers apply.
+(``store_access.StoreView`` implements it); :class:`Decision` is what the handlers apply.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import kopf
 from darwinlm.errors import SpecError, StoreError
 from darwinlm.spec import API_VERSION
 
-from .creds import CredentialsError, StoreCache, StoreView, open_search_store
+from .store_access import CredentialsError, StoreCache, StoreView, open_search_store
 from .conditions import parse_timestamp
 from .kspec import JobDefaults, KubeSpec, load_psearch
 from .metrics import Metrics
@@ -250,7 +250,7 @@ class SearchLoops:
 
     async def _run(self, key: tuple[str, str]) -> None:
         ns, name = key
-        memo: dict = {}  # immutable store answers of this search (creds.StoreView)
+        memo: dict = {}  # immutable store answers of this search (store_access.StoreView)
         failures, last_error = 0, ""
         while True:
             poke = self._pokes.get(key)

@@ -8,7 +8,7 @@ import sys
 
 from darwinlm.core.plan import Task
 from darwinlm_operator import handlers
-from darwinlm_operator.creds import StoreView
+from darwinlm_operator.store_access import StoreView
 from darwinlm_operator.kspec import JobDefaults
 
 from . import FakeStore, at, job_status, make_cr, ts

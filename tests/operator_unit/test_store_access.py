@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from darwinlm_operator import creds
+from darwinlm_operator import store_access as creds
 from darwinlm_operator.kspec import load_psearch
 
 from . import make_cr
