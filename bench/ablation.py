@@ -117,7 +117,7 @@ def _heldout_chunks(ws):
 def cross_evaluate(ws_ref, ws_d) -> dict:
     """Variant (d)'s models (one-shot and post-trained, searched and uniform) against the fp32 dense."""
     from darwinlm.run.report import evaluate_models
-    from darwinlm.run.tasks import load_posttrained
+    from darwinlm.run.workspace import load_posttrained
 
     models = {("searched", "one-shot"): ws_d.builder.shrunk(ws_d.final_genome()),
               ("searched", "post-trained"): load_posttrained(ws_d, "searched")}

@@ -19,7 +19,7 @@ import wrapt as _wrapt
 # the environment turns it off.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 
 def _register_model_type(_transformers_module) -> None:
@@ -31,8 +31,8 @@ def _register_model_type(_transformers_module) -> None:
 _wrapt.register_post_import_hook(_register_model_type, "transformers")
 
 # The public API. None of these imports torch: the operator may import the package.
-from .errors import ArtifactNotFound, DarwinLMError, InfeasibleTargetError, SpecError, StoreError  # noqa: E402
 from .core.plan import Task, next_tasks  # noqa: E402
+from .errors import ArtifactNotFound, DarwinLMError, InfeasibleTargetError, SpecError, StoreError  # noqa: E402
 from .run.runner import run_search  # noqa: E402
 from .spec import PruningSearchSpec, load_spec, spec_to_dict, with_overrides  # noqa: E402
 from .store import open_store  # noqa: E402

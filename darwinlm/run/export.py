@@ -13,11 +13,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-from darwinlm import __version__
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.runtime import torch_dtype
 from darwinlm.spec import spec_to_dict
 from darwinlm.store import layout
+from darwinlm.version import __version__
 
 log = logging.getLogger(__name__)
 

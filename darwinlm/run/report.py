@@ -22,6 +22,8 @@ from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.runtime import autocast
 from darwinlm.store import layout
 
+from .workspace import load_posttrained
+
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_models", "evaluate_and_report", "ppl_ratio_ci"]
@@ -72,8 +74,6 @@ def ppl_ratio_ci(nll_a, nll_b, tokens, *, resamples: int = 2000, seed: int = 0,
 
 def _models(ws):
     """{key: model} and {key: (model name, stage)} of everything the report compares."""
-    from .tasks import load_posttrained
-
     spec = ws.spec
     models = {"dense": ws.model}
     labels = {"dense": ("dense", "-")}

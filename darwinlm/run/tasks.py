@@ -14,6 +14,8 @@ from typing import Callable
 from darwinlm.core.plan import Task, done_key
 from darwinlm.store import layout
 
+from .workspace import load_posttrained
+
 log = logging.getLogger(__name__)
 
 __all__ = ["run_task", "Progress", "no_progress"]
@@ -93,16 +95,12 @@ def _generation(ws, task: Task, progress: Progress, shard) -> dict:
     return res.state  # the generation state is its own completion marker
 
 
-def _genome_for(ws, variant: str):
-    return ws.final_genome() if variant == "searched" else ws.uniform_genome()
-
-
 def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
     from darwinlm.core.rng import derive_rng
     from darwinlm.llm.train import posttrain
 
     spec = ws.spec
-    model = ws.builder.shrunk(_genome_for(ws, task.variant))
+    model = ws.builder.shrunk(ws.variant_genome(task.variant))
     total = [0]
     bar_holder = {}
 
@@ -117,21 +115,6 @@ def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
                        derive_rng(spec.seed, "posttrain"), store=ws.store, prefix=layout.posttrain_prefix(task.variant),
                        teacher=ws.model if spec.posttrain.distill > 0 else None, progress=on_step)
     return {"steps": total[0], "final_loss": losses[-1] if losses else None}
-
-
-def load_posttrained(ws, variant: str):
-    """The shrunk model of ``variant`` with its post-trained weights (if post-training ran)."""
-    from safetensors.torch import load as st_load
-
-    model = ws.builder.shrunk(_genome_for(ws, variant))
-    prefix = layout.posttrain_prefix(variant)
-    if ws.store.exists(layout.checkpoint_meta(prefix)):
-        meta = ws.store.get_json(layout.checkpoint_meta(prefix))
-        t = st_load(ws.store.get_bytes(layout.checkpoint_weights(prefix)))
-        for alias, src in meta["tied"].items():
-            t[alias] = t[src]
-        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-    return model
 
 
 def _export(ws, task: Task, progress: Progress, _shard) -> dict:

@@ -17,7 +17,7 @@ from darwinlm.store import layout, open_store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Workspace"]
+__all__ = ["Workspace", "load_posttrained"]
 
 
 class Workspace:
@@ -202,3 +202,22 @@ class Workspace:
         from .search import target_sums
 
         return even_genome(self.space, target_sums(self.space, self.spec.search.target))
+
+    def variant_genome(self, variant: str):
+        """The genome of a post-training variant: ``searched`` (the search's result) or ``uniform``."""
+        return self.final_genome() if variant == "searched" else self.uniform_genome()
+
+
+def load_posttrained(ws, variant: str):
+    """The shrunk model of ``variant`` with its post-trained weights (if post-training ran)."""
+    from safetensors.torch import load as st_load
+
+    model = ws.builder.shrunk(ws.variant_genome(variant))
+    prefix = layout.posttrain_prefix(variant)
+    if ws.store.exists(layout.checkpoint_meta(prefix)):
+        meta = ws.store.get_json(layout.checkpoint_meta(prefix))
+        t = st_load(ws.store.get_bytes(layout.checkpoint_weights(prefix)))
+        for alias, src in meta["tied"].items():
+            t[alias] = t[src]
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    return model

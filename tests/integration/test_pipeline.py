@@ -98,7 +98,7 @@ def test_patience_stops_where_the_parent_first_survives_long_enough(finished, ti
 def test_export_loads_with_stock_transformers_and_matches(finished, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from darwinlm.run.tasks import load_posttrained
+    from darwinlm.run.workspace import load_posttrained
 
     spec, ws = finished
     ws.store.get_dir("result/model", tmp_path / "model")
