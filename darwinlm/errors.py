@@ -1,11 +1,16 @@
-"""Specific exceptions of the library.
+"""Specific exceptions of the library, and the exit codes the entrypoints map them to.
 
-Entrypoints (CLI, jobs) map them to exit codes: ``SpecError``/``InfeasibleTargetError`` are permanent
-(the same input fails the same way again), ``StoreError`` is retriable unless it is a checksum mismatch
-of an artifact that will never change.
+Entrypoints (the CLI, the Kubernetes jobs) return :func:`exit_code`: ``SpecError``,
+``InfeasibleTargetError``, ``PlanError`` and ``WorldConfigError`` are permanent (the same input fails
+the same way again), ``StoreError`` and connection errors are retriable, ``PeerFailure`` is whichever its
+cause was. The operator's retry policy reads the same codes.
 """
 
 from __future__ import annotations
+
+EXIT_OK, EXIT_ERROR, EXIT_PERMANENT, EXIT_RETRIABLE = 0, 1, 2, 3
+"""0 done; 1 anything else (a crash: retried and counted); 2 permanent (retrying cannot help); 3 retriable
+(store unreachable, a distributed peer lost)."""
 
 
 class DarwinLMError(Exception):
@@ -48,3 +53,31 @@ class ChecksumMismatch(StoreError):
 
 class InfeasibleTargetError(DarwinLMError):
     """The search target cannot be reached with the level ladders (e.g. beyond the last level)."""
+
+
+class PlanError(DarwinLMError):
+    """Named tasks cannot run: not tasks of the spec's plan, an earlier phase is incomplete, or several
+    workers for a task that runs on one (permanent: a usage error)."""
+
+
+class WorldConfigError(DarwinLMError, ValueError):
+    """The distributed environment variables are missing or inconsistent (permanent)."""
+
+
+class PeerFailure(DarwinLMError):
+    """Another rank failed (or died) during a distributed generation. ``permanent`` when its error was."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code an entrypoint returns for ``error`` (see the module docstring)."""
+    if isinstance(error, PeerFailure):
+        return EXIT_PERMANENT if error.permanent else EXIT_RETRIABLE
+    if isinstance(error, (SpecError, InfeasibleTargetError, PlanError, WorldConfigError)):
+        return EXIT_PERMANENT
+    if isinstance(error, (StoreError, ConnectionError, TimeoutError)):
+        return EXIT_RETRIABLE
+    return EXIT_ERROR

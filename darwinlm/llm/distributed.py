@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from darwinlm.errors import DarwinLMError
+from darwinlm.errors import InfeasibleTargetError, PeerFailure, SpecError, WorldConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,6 @@ __all__ = ["World", "WorldConfigError", "PeerFailure", "world_env", "init_from_e
            "DistributedShard"]
 
 DEFAULT_TIMEOUT_S = 7200.0
-
-
-class WorldConfigError(DarwinLMError, ValueError):
-    """The distributed environment variables are missing or inconsistent (permanent)."""
-
-
-class PeerFailure(DarwinLMError):
-    """Another rank failed (or died) during a distributed generation. ``permanent`` when its error was."""
-
-    def __init__(self, message: str, *, permanent: bool = False):
-        super().__init__(message)
-        self.permanent = permanent
 
 
 def _int_env(env: Mapping[str, str], name: str) -> int:
@@ -188,8 +176,6 @@ def _digest(items: Sequence[tuple[int, Any]]) -> str:
 
 
 def _is_permanent(e: BaseException) -> bool:
-    from darwinlm.errors import InfeasibleTargetError, SpecError
-
     return isinstance(e, (SpecError, InfeasibleTargetError))
 
 

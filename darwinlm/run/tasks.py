@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 from darwinlm.core.plan import Task, done_key
 from darwinlm.store import layout
 
+from .progress import Progress, no_progress
 from .workspace import load_posttrained
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_task", "Progress", "no_progress"]
-
-# progress(description, total) -> update(n) ; the CLI passes tqdm-backed bars, the library none.
-Progress = Callable[[str, int], Callable[[int], None]]
-
-
-def no_progress(_desc: str, _total: int) -> Callable[[int], None]:
-    return lambda _n: None
+__all__ = ["run_task"]
 
 
 def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) -> dict:

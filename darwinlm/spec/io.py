@@ -6,7 +6,8 @@ The CLI, the jobs and the operator read the same files, so the rules live here o
   would make it the string ``"1e-5"`` and the user would get a confusing type error);
 * a key written twice in one mapping is an error (PyYAML and ``json`` silently keep the last);
 * a ``PruningSearch`` manifest is unwrapped to its ``spec``; ``metadata.name`` becomes the name;
-* overrides (``search.selection.0.survivors``) edit the plain document, which is then re-validated.
+* overrides (``search.selection.0.survivors``) edit the plain document, which is then re-validated; on the
+  command line they are ``KEY=VALUE`` with a YAML value (:func:`parse_override`).
 """
 
 from __future__ import annotations
@@ -127,3 +128,18 @@ def set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
             node[key] = value
         else:
             node = node[key]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"search.generations=3"`` -> ``("search.generations", 3)``: a dotted field path (indices as
+    ``selection[0]``) and a value read as YAML, the way the spec file reads it: ``3`` is an int, ``1e-5`` a
+    float, ``null`` None, ``[a, b]`` a list, a plain word a string. ``ValueError`` names what is wrong."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE with a dotted field path, e.g. search.generations=3; got {text!r}")
+    try:
+        value = yaml.load(raw, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise ValueError(f"{key}: cannot read {raw!r} as a YAML value: {e}") from None
+    return key, value

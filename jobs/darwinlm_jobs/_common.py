@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 
-from darwinlm.errors import InfeasibleTargetError, SpecError, StoreError
-
-from . import EXIT_PERMANENT, EXIT_RETRIABLE
+from darwinlm.errors import EXIT_OK, InfeasibleTargetError, PeerFailure, PlanError, SpecError, StoreError, exit_code
+from darwinlm.run.runner import run_tasks
+from darwinlm.spec import load_spec
 
 log = logging.getLogger("darwinlm_jobs")
 
@@ -25,8 +25,6 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load(args):
-    from darwinlm.spec import load_spec
-
     if args.spec:
         return load_spec(args.spec, extra_allowed=_k8s_fields())
     raw = os.environ.get("DARWINLM_SPEC")
@@ -55,23 +53,27 @@ _KUBERNETES_FIELDS = frozenset({
 def run(task, args) -> int:
     """Run ``task`` (a darwinlm.core.plan.Task) with the parsed ``args``; returns the exit code.
 
-    The work is ``darwinlm.cli.run_tasks``: the same code as ``darwinlm task``, including joining the
+    The work is ``darwinlm.run.runner.run_tasks``, the same as ``darwinlm task``'s, including joining the
     torch.distributed process group for generation tasks when WORLD_SIZE > 1 (after checking the task is
-    not already complete, so a lone restarted rank never waits for peers that are gone)."""
+    not already complete, so a lone restarted rank never waits for peers that are gone). Pods have no
+    terminal, so no progress bars; the result is one JSON line on stdout."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         spec = load(args)
-        from darwinlm.cli import run_tasks
-
         log.info("task %s of search %s (uid %s)", task.name, spec.name, args.uid)
-        return run_tasks(spec, [task.name], uid=args.uid)
+        out = run_tasks(spec, [task.name], uid=args.uid)
+    except (PlanError, PeerFailure) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code(e)
     except (SpecError, InfeasibleTargetError) as e:
         print(f"permanent error: {e}", file=sys.stderr)
-        return EXIT_PERMANENT
+        return exit_code(e)
     except StoreError as e:
         print(f"retriable store error: {e}", file=sys.stderr)
-        return EXIT_RETRIABLE
+        return exit_code(e)
     except (ConnectionError, TimeoutError) as e:
         print(f"retriable error: {e}", file=sys.stderr)
-        return EXIT_RETRIABLE
+        return exit_code(e)
+    print(json.dumps(out))
+    return EXIT_OK

@@ -23,6 +23,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from darwinlm.errors import EXIT_PERMANENT, EXIT_RETRIABLE
+
 from . import conditions as C
 from .render import GPU, LABEL_ATTEMPT
 
@@ -106,8 +108,9 @@ def classify_failure(job: Mapping, pods: list[Mapping]) -> dict[str, Any]:
                             f"pod {get(p, 'metadata', 'name')}: {st.get('message') or st['reason']}")
     terms = [t for p in mine for t in _terminated(p) if t.get("exitCode") not in (None, 0)]
     for t in terms:
-        if t.get("exitCode") == 2:
-            return _failure("PermanentError", False, True, first_error_line(t.get("message")) or "exit code 2")
+        if t.get("exitCode") == EXIT_PERMANENT:
+            return _failure("PermanentError", False, True,
+                            first_error_line(t.get("message")) or f"exit code {EXIT_PERMANENT}")
     for t in terms:
         if t.get("reason") == "OOMKilled":
             return _failure("OOMKilled", True, False, "out of memory: raise resources.limits.memory or "
@@ -117,11 +120,11 @@ def classify_failure(job: Mapping, pods: list[Mapping]) -> dict[str, Any]:
             return _failure("Killed", False, False, f"exit code {t['exitCode']} ({_KILLED[t['exitCode']]} from "
                                                     f"outside the task): retried without counting")
     for t in terms:
-        why = "RetriableError" if t.get("exitCode") == 3 else "Error"
+        why = "RetriableError" if t.get("exitCode") == EXIT_RETRIABLE else "Error"
         return _failure(why, True, False, f"exit code {t.get('exitCode')}: "
                                           f"{first_error_line(t.get('message')) or t.get('reason', '')}")
     cond = _true(get(job, "status", "conditions"), "Failed") or {}
-    if cond.get("reason") == "PodFailurePolicy" and "exit code 2" in str(cond.get("message", "")):
+    if cond.get("reason") == "PodFailurePolicy" and f"exit code {EXIT_PERMANENT}" in str(cond.get("message", "")):
         return _failure("PermanentError", False, True, str(cond.get("message")))
     return _failure(cond.get("reason") or "JobFailed", True, False, str(cond.get("message") or "the Job failed"))
 

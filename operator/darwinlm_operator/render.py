@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from darwinlm.core.plan import Task
+from darwinlm.errors import EXIT_PERMANENT
 from darwinlm.spec import API_VERSION, KIND, spec_to_dict
 
 from .kspec import JobDefaults, job_image
@@ -276,7 +277,8 @@ def render_job(cr: Mapping[str, Any], kspec, spec, task: Task, attempt: int, *,
         "parallelism": workers,
         "podFailurePolicy": {"rules": [
             # exit code 2 = permanent (bad spec, infeasible target): fail at once, never retry
-            {"action": "FailJob", "onExitCodes": {"containerName": "task", "operator": "In", "values": [2]}},
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": "task", "operator": "In", "values": [EXIT_PERMANENT]}},
             # evictions/preemptions: Kubernetes replaces the pod without counting a failure
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},
