@@ -13,6 +13,11 @@ starts one asyncio task per PruningSearch - on creation and, after a restart, wh
 existing objects - and the task reconciles every ``interval`` seconds or at once when poked: by a
 change of the PruningSearch's spec, or by an event of one of its Jobs (a Job finishing starts the
 next one in well under a second). The Kubernetes calls run in worker threads (``asyncio.to_thread``).
+
+State: one :class:`Operator` object per process (settings, metrics, the store cache, liveness and the
+per-search loops), made by the startup handler and kept in kopf's memo as ``memo.operator``. kopf hands
+every handler that memo (resource handlers get a shallow copy, so the same object); nothing is a
+module global.
 """
 
 from __future__ import annotations
@@ -72,10 +77,6 @@ class OperatorConfig:
                    stale_after=float(env.get("DARWINLM_STALE_AFTER", cls.stale_after)),
                    job_defaults=jobs)
 
-
-CONFIG = OperatorConfig()
-METRICS = Metrics()
-STORES = StoreCache()
 
 
 # ------------------------------------------------------------------------------ Kubernetes calls
@@ -149,7 +150,7 @@ class Kube:
 
 # ------------------------------------------------------------------------------ one reconcile
 
-def _store_view(kube: Kube, cr: dict, memo: dict) -> StoreView | None:
+def _store_view(kube: Kube, cr: dict, memo: dict, stores: StoreCache) -> StoreView | None:
     """The search's store as the operator reads it; None when the spec is invalid (decide says why)
     or the search is being deleted (nothing is decided then, and its Secret may be gone already)."""
     if cr["metadata"].get("deletionTimestamp"):
@@ -158,7 +159,7 @@ def _store_view(kube: Kube, cr: dict, memo: dict) -> StoreView | None:
         spec, kspec = load_psearch(as_manifest(cr))
     except SpecError:
         return None
-    store = open_search_store(STORES, spec, kspec, cr["metadata"]["uid"], kube.core, cr["metadata"]["namespace"])
+    store = open_search_store(stores, spec, kspec, cr["metadata"]["uid"], kube.core, cr["metadata"]["namespace"])
     return StoreView(store, memo)
 
 
@@ -180,16 +181,17 @@ def _needs_pods(cr: dict, jobs: list[dict], now: _dt.datetime | None) -> bool:
     return False
 
 
-def reconcile_once(kube: Kube, ns: str, name: str, memo: dict,
-                   now: _dt.datetime | None = None) -> tuple[dict, Decision] | None:
-    """Read -> decide -> apply for one search (blocking). None when the PruningSearch is gone."""
+def reconcile_once(kube: Kube, ns: str, name: str, memo: dict, now: _dt.datetime | None = None, *,
+                   op: Operator) -> tuple[dict, Decision] | None:
+    """Read -> decide -> apply for one search (blocking). None when the PruningSearch is gone.
+    ``memo``: this search's cached store answers; ``op``: the operator's settings and store cache."""
     cr = kube.get_search(ns, name)
     if cr is None:
         return None
     jobs = kube.list_jobs(ns, name)
     pods = kube.list_pods(ns, cr["metadata"]["uid"]) if _needs_pods(cr, jobs, now) else []
-    decision = decide(cr, jobs, pods, _store_view(kube, cr, memo), now or _dt.datetime.now(_dt.timezone.utc),
-                      defaults=CONFIG.job_defaults)
+    decision = decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores),
+                      now or _dt.datetime.now(_dt.timezone.utc), defaults=op.config.job_defaults)
     for obj in decision.create:
         kube.create(obj)
     for job in decision.delete:
@@ -205,18 +207,18 @@ def reconcile_once(kube: Kube, ns: str, name: str, memo: dict,
 # ------------------------------------------------------------------------------ per-search loops
 
 @dataclasses.dataclass
-class _Health:
+class Health:
+    """When the operator last saw an event and last finished a reconcile (the liveness probe)."""
+
     last_event: float = dataclasses.field(default_factory=time.monotonic)
     last_reconcile: float = dataclasses.field(default_factory=time.monotonic)
-
-
-HEALTH = _Health()
 
 
 class SearchLoops:
     """One asyncio task per PruningSearch, keyed by (namespace, name); poked to reconcile at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: Operator) -> None:
+        self.op = op
         self._tasks: dict[tuple[str, str], asyncio.Task] = {}
         self._pokes: dict[tuple[str, str], asyncio.Event] = {}
         self.kube: Kube | None = None
@@ -250,6 +252,7 @@ class SearchLoops:
 
     async def _run(self, key: tuple[str, str]) -> None:
         ns, name = key
+        op, config = self.op, self.op.config
         memo: dict = {}  # immutable store answers of this search (store_access.StoreView)
         failures, last_error = 0, ""
         while True:
@@ -260,40 +263,51 @@ class SearchLoops:
             try:
                 if self.kube is None:
                     self.kube = await asyncio.to_thread(Kube)
-                result = await asyncio.to_thread(reconcile_once, self.kube, ns, name, memo)
+                result = await asyncio.to_thread(reconcile_once, self.kube, ns, name, memo, op=op)
             except Exception as e:  # noqa: BLE001 - the loop must survive any error and retry
                 failures += 1
-                last_error = _report_error(ns, name, e, last_error)
+                last_error = _report_error(op.metrics, ns, name, e, last_error)
             else:
-                HEALTH.last_reconcile = time.monotonic()
+                op.health.last_reconcile = time.monotonic()
                 if result is None:
-                    METRICS.forget(ns, name)
+                    op.metrics.forget(ns, name)
                     self._tasks.pop(key, None)
                     self._pokes.pop(key, None)
                     return
                 failures, last_error = 0, ""
-                _report(*result)
-            delay = min(CONFIG.max_backoff, CONFIG.interval * (2 ** min(failures, 6))) if failures else CONFIG.interval
+                _report(op.metrics, *result)
+            delay = min(config.max_backoff, config.interval * (2 ** min(failures, 6))) if failures else config.interval
             try:
                 await asyncio.wait_for(poke.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
 
 
-LOOPS = SearchLoops()
+@dataclasses.dataclass(eq=False)
+class Operator:
+    """Everything one operator process holds (see the module docstring: it lives in ``memo.operator``)."""
+
+    config: OperatorConfig = dataclasses.field(default_factory=OperatorConfig)
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    stores: StoreCache = dataclasses.field(default_factory=StoreCache)  # the stores the operator reads
+    health: Health = dataclasses.field(default_factory=Health)
+    loops: SearchLoops = dataclasses.field(init=False)  # one reconcile loop per PruningSearch
+
+    def __post_init__(self) -> None:
+        self.loops = SearchLoops(self)
 
 
-def _report(cr: dict, decision: Decision) -> None:
+def _report(metrics: Metrics, cr: dict, decision: Decision) -> None:
     """Events (kopf posts them as the operator) and metrics of one applied decision."""
     for ev in decision.events:
         kopf.event(cr, type=ev.type, reason=ev.reason, message=ev.message[:1024])
     meta = cr["metadata"]
-    METRICS.observe(meta["namespace"], meta["name"], decision.status, decision.metrics, decision.accounted)
+    metrics.observe(meta["namespace"], meta["name"], decision.status, decision.metrics, decision.accounted)
 
 
-def _report_error(ns: str, name: str, exc: Exception, last: str) -> str:
+def _report_error(metrics: Metrics, ns: str, name: str, exc: Exception, last: str) -> str:
     """Log (and once per distinct message, post a Warning Event for) a failed reconcile."""
-    METRICS.error(ns)
+    metrics.error(ns)
     kind = "StoreUnavailable" if isinstance(exc, (StoreError, CredentialsError)) else "ReconcileError"
     message = f"{kind}: {exc}"
     log.warning("reconcile of %s/%s failed: %s", ns, name, message)
@@ -306,11 +320,10 @@ def _report_error(ns: str, name: str, exc: Exception, last: str) -> str:
 # ------------------------------------------------------------------------------ kopf handlers
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global CONFIG
-    CONFIG = OperatorConfig.from_env()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    op = memo.operator = Operator(config=OperatorConfig.from_env())
     log.info("default job image (for searches without spec.image): %s",
-             CONFIG.job_defaults.image or "none: such searches are Invalid (set DARWINLM_JOB_IMAGE)")
+             op.config.job_defaults.image or "none: such searches are Invalid (set DARWINLM_JOB_IMAGE)")
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="darwinlm.io")
@@ -320,8 +333,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 30
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
     _load_kube_config()
-    if CONFIG.metrics_port:
-        METRICS.serve(CONFIG.metrics_port)
+    if op.config.metrics_port:
+        op.metrics.serve(op.config.metrics_port)
 
 
 def _load_kube_config() -> None:
@@ -334,28 +347,31 @@ def _load_kube_config() -> None:
 
 
 @kopf.on.cleanup()
-async def shutdown(**_: Any) -> None:
-    await LOOPS.stop_all()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    await memo.operator.loops.stop_all()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def search_event(type: str | None, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+async def search_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                       **_: Any) -> None:
     """Start (or poke) the search's loop; stop it when the object is gone."""
-    HEALTH.last_event = time.monotonic()
+    op: Operator = memo.operator
+    op.health.last_event = time.monotonic()
     if type == "DELETED":
-        await LOOPS.stop(namespace, name)
-        METRICS.forget(namespace, name)
+        await op.loops.stop(namespace, name)
+        op.metrics.forget(namespace, name)
         return
     status = body.get("status") or {}
     if type in (None, "ADDED") or status.get("observedGeneration") != body.meta.get("generation"):
-        LOOPS.ensure(namespace, name)  # new, listed after a restart, or a spec change
+        op.loops.ensure(namespace, name)  # new, listed after a restart, or a spec change
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-def job_event(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+def job_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """A Job of ours changed (e.g. finished): reconcile its search now."""
-    HEALTH.last_event = time.monotonic()
-    LOOPS.poke(namespace, labels.get(LABEL_SEARCH))
+    op: Operator = memo.operator
+    op.health.last_event = time.monotonic()
+    op.loops.poke(namespace, labels.get(LABEL_SEARCH))
 
 
 def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
@@ -363,14 +379,14 @@ def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_artifacts, retries=10, backoff=15)
-def delete_artifacts(body: kopf.Body, namespace: str, uid: str, **_: Any) -> None:
+def delete_artifacts(body: kopf.Body, namespace: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
     """artifactRetention: Delete - remove searches/<name>-<uid>/ before the object goes."""
     try:
         spec, kspec = load_psearch(as_manifest(body))
     except SpecError as e:
         raise kopf.PermanentError(f"artifacts not deleted: the spec is invalid ({e.first_path})") from None
     try:
-        store = open_search_store(STORES, spec, kspec, uid, Kube().core, namespace)
+        store = open_search_store(memo.operator.stores, spec, kspec, uid, Kube().core, namespace)
         count = store.delete_prefix("")
     except (StoreError, CredentialsError) as e:
         raise kopf.TemporaryError(f"deleting the artifacts failed, will retry: {e}", delay=15) from None
@@ -378,10 +394,12 @@ def delete_artifacts(body: kopf.Body, namespace: str, uid: str, **_: Any) -> Non
 
 
 @kopf.on.probe(id="reconcile")
-def probe(**_: Any) -> dict:
+def probe(memo: kopf.Memo, **_: Any) -> dict:
     """Liveness: fails when searches exist but none was reconciled for ``stale_after`` seconds."""
+    op: Operator = memo.operator
     now = time.monotonic()
-    age, event_age = now - HEALTH.last_reconcile, now - HEALTH.last_event
-    if len(LOOPS) and age > CONFIG.stale_after:
-        raise RuntimeError(f"no reconcile for {age:.0f}s with {len(LOOPS)} search(es) active")
-    return {"searches": len(LOOPS), "secondsSinceReconcile": round(age, 1), "secondsSinceEvent": round(event_age, 1)}
+    age, event_age = now - op.health.last_reconcile, now - op.health.last_event
+    if len(op.loops) and age > op.config.stale_after:
+        raise RuntimeError(f"no reconcile for {age:.0f}s with {len(op.loops)} search(es) active")
+    return {"searches": len(op.loops), "secondsSinceReconcile": round(age, 1),
+            "secondsSinceEvent": round(event_age, 1)}

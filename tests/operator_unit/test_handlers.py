@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import types
 
 from darwinlm.core.plan import Task
 from darwinlm_operator import handlers
@@ -63,9 +64,9 @@ class FakeKube:
         self.writes.append(("delete_search", name))
 
 
-def _reconcile(kube, store, monkeypatch, t=0.0):
-    monkeypatch.setattr(handlers, "_store_view", lambda kube, cr, memo: store)
-    return handlers.reconcile_once(kube, "team-a", "tiny", {}, now=at(t))
+def _reconcile(kube, store, monkeypatch, t=0.0, op=None):
+    monkeypatch.setattr(handlers, "_store_view", lambda kube, cr, memo, stores: store)
+    return handlers.reconcile_once(kube, "team-a", "tiny", {}, now=at(t), op=op or handlers.Operator())
 
 
 def test_first_reconcile_creates_a_job_and_writes_status(monkeypatch):
@@ -93,7 +94,7 @@ def test_a_finished_job_leads_to_the_next_one_and_pods_are_read_only_when_needed
 
 
 def test_gone_search_returns_none():
-    assert handlers.reconcile_once(FakeKube(None), "team-a", "tiny", {}) is None
+    assert handlers.reconcile_once(FakeKube(None), "team-a", "tiny", {}, op=handlers.Operator()) is None
 
 
 def test_suspend_deletes_and_ttl_deletes_the_search(monkeypatch):
@@ -138,20 +139,22 @@ def test_liveness_probe_fails_only_when_searches_go_unreconciled(monkeypatch):
         def __len__(self):
             return self.n
 
-    monkeypatch.setattr(handlers.HEALTH, "last_reconcile", time.monotonic() - 1000)
-    monkeypatch.setattr(handlers, "LOOPS", Loops(0))
-    assert handlers.probe()["searches"] == 0  # idle operator: healthy however long ago
-    monkeypatch.setattr(handlers, "LOOPS", Loops(2))
+    op = handlers.Operator()  # the operator's state, which kopf hands every handler in its memo
+    memo = types.SimpleNamespace(operator=op)
+    monkeypatch.setattr(op.health, "last_reconcile", time.monotonic() - 1000)
+    monkeypatch.setattr(op, "loops", Loops(0))
+    assert handlers.probe(memo)["searches"] == 0  # idle operator: healthy however long ago
+    monkeypatch.setattr(op, "loops", Loops(2))
     with pytest.raises(RuntimeError, match="no reconcile for"):
-        handlers.probe()
-    monkeypatch.setattr(handlers.HEALTH, "last_reconcile", time.monotonic())
-    assert handlers.probe()["searches"] == 2
+        handlers.probe(memo)
+    monkeypatch.setattr(op.health, "last_reconcile", time.monotonic())
+    assert handlers.probe(memo)["searches"] == 2
 
 
 def test_deleting_search_reads_no_store():
     cr = make_cr()
     cr["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    assert handlers._store_view(None, cr, {}) is None
+    assert handlers._store_view(None, cr, {}, None) is None
 
 
 def test_the_job_image_settings_come_from_the_environment(monkeypatch):
@@ -175,15 +178,15 @@ def test_the_job_image_settings_come_from_the_environment(monkeypatch):
 def test_reconcile_uses_the_operators_job_image(monkeypatch):
     cr = make_cr()
     del cr["spec"]["image"]
-    monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig())  # no default job image
+    op = handlers.Operator(config=handlers.OperatorConfig())  # no default job image
     kube = FakeKube(cr)
-    _reconcile(kube, FakeStore(), monkeypatch)
+    _reconcile(kube, FakeStore(), monkeypatch, op=op)
     assert kube.jobs == {} and kube.cr["status"]["phase"] == "Failed"
     invalid = next(c for c in kube.cr["status"]["conditions"] if c["type"] == "Invalid")
     assert invalid["status"] == "True" and invalid["message"].startswith("spec.image: ")
-    monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig(
-        job_defaults=JobDefaults(image="ghcr.io/darwinlm/darwinlm-job:0.2.0", image_pull_policy="Always")))
-    _reconcile(kube, FakeStore(), monkeypatch, t=2)
+    op.config = handlers.OperatorConfig(
+        job_defaults=JobDefaults(image="ghcr.io/darwinlm/darwinlm-job:0.2.0", image_pull_policy="Always"))
+    _reconcile(kube, FakeStore(), monkeypatch, t=2, op=op)
     (job,) = kube.jobs.values()
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert (container["image"], container["imagePullPolicy"]) == ("ghcr.io/darwinlm/darwinlm-job:0.2.0", "Always")
