@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import datasets
 import numpy as np
 import torch
 
@@ -71,8 +72,6 @@ def _files(path: str, exts: Sequence[str]) -> list[str]:
 
 def load_documents(source, field_path: str = "data.train") -> list[str]:
     """Load the documents of one ``SourceSpec`` through ``datasets``, in a stable order."""
-    import datasets
-
     fmt = source.format
     if fmt == "hub":
         ds = datasets.load_dataset(source.path, source.subset, split=source.split)

@@ -15,8 +15,11 @@ import logging
 import os
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from darwinlm.errors import SpecError
+
+from . import modeling
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +42,6 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(model_spec, *, with_tokenizer: bool = True):
     """Load (model, tokenizer) from a local HF directory or a hub id; never runs remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import modeling
-
     modeling.register()
     if model_spec.threads is not None:
         torch.set_num_threads(model_spec.threads)

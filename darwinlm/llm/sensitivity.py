@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from darwinlm.store import layout
 
 from .adapter import adapter_for
+from .database import shard_blocks
 from .runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -244,8 +245,6 @@ def build_shard(model, db, sens_spec, chunks: Sequence[torch.Tensor], store, db_
                 shards: int, progress: Callable[[int], None] | None = None) -> dict:
     """Measure (or skip, if present) the blocks of one shard, one stored block at a time; returns the shard
     marker. A crash loses at most the block being measured."""
-    from .database import shard_blocks
-
     marker = layout.sensitivity_shard(db_key, key, shard, shards)
     if store.exists(marker):
         return {**store.get_json(marker), "reused": True}

@@ -13,6 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from darwinlm.core.budget import prunable_params, removed_params
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.runtime import torch_dtype
 from darwinlm.spec import spec_to_dict
@@ -32,8 +33,6 @@ def target_params(ws) -> int:
     """Non-embedding parameters the spec's target asks for: dense minus the target share of the prunable
     (query/output head and MLP channel) parameters. KV heads dropped because all their query heads are
     gone (see modeling.py) come on top, so a result can be slightly smaller."""
-    from darwinlm.core.budget import prunable_params, removed_params
-
     dense = adapter_for(ws.model).nonembedding_param_count(ws.model)
     t = ws.spec.search.target
     if t.fraction is not None:

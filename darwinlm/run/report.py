@@ -18,10 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from darwinlm.core.plan import generations_planned
+from darwinlm.core.rng import derive_rng
 from darwinlm.llm.adapter import adapter_for
+from darwinlm.llm.data import TokenPool, build_heldout_set, sample_exact
 from darwinlm.llm.runtime import autocast
 from darwinlm.store import layout
 
+from .export import target_params
 from .workspace import load_posttrained
 
 log = logging.getLogger(__name__)
@@ -92,9 +96,6 @@ def _models(ws):
 
 def _heldout_sets(ws) -> dict[str, list]:
     """{set name: chunks}: the main held-out pool (or its ``evaluation.heldout_tokens`` sample) and the extras."""
-    from darwinlm.llm.data import TokenPool, build_heldout_set, sample_exact
-    from darwinlm.core.rng import derive_rng
-
     spec = ws.spec
     chunks = list(ws.pools.heldout.chunks)
     if spec.evaluation.heldout_tokens:
@@ -133,8 +134,6 @@ def _evaluate(ws, progress) -> tuple[dict[str, list[dict]], list[dict]]:
 def search_summary(ws) -> dict:
     """The search as the report shows it: the curve (tracking score of every generation's winner), how the
     first parent was chosen, and why the search stopped."""
-    from darwinlm.core.plan import generations_planned
-
     spec = ws.spec
     init = ws.init_record()
     tracking = init.get("tracking", {})
@@ -199,8 +198,6 @@ def _ci(c: dict) -> str:
 
 
 def _markdown(ws, rows: dict[str, list[dict]], comparisons: list[dict], search: dict, genome) -> str:
-    from .export import target_params
-
     spec = ws.spec
     main = rows["heldout"]
     dense = next(r for r in main if r["model"] == "dense")

@@ -29,12 +29,17 @@ log = logging.getLogger(__name__)
 __all__ = ["run_search", "run_phase", "run_tasks"]
 
 
-def run_search(spec, *, progress: Progress = no_progress, root=None, until=None) -> Workspace:
-    """Run every remaining task. ``until(task) -> bool`` stops before a task (tests, partial runs)."""
+def _start(spec, **where):
+    """The search's ``Workspace`` and ``run_task``: the torch side of the library, imported when a run starts."""
     from .tasks import run_task
     from .workspace import Workspace
 
-    ws = Workspace(spec, root=root)
+    return Workspace(spec, **where), run_task
+
+
+def run_search(spec, *, progress: Progress = no_progress, root=None, until=None) -> Workspace:
+    """Run every remaining task. ``until(task) -> bool`` stops before a task (tests, partial runs)."""
+    ws, run_task = _start(spec, root=root)
     ws.record_spec()
     while True:
         todo = next_tasks(spec, ws.store)
@@ -51,10 +56,7 @@ def run_search(spec, *, progress: Progress = no_progress, root=None, until=None)
 
 def run_phase(spec, kind: str, *, progress: Progress = no_progress, root=None) -> Workspace:
     """Run remaining tasks until none of kind ``kind`` is left (the per-phase CLI subcommands)."""
-    from .tasks import run_task
-    from .workspace import Workspace
-
-    ws = Workspace(spec, root=root)
+    ws, run_task = _start(spec, root=root)
     ws.record_spec()
     while True:
         todo = next_tasks(spec, ws.store)
@@ -134,10 +136,7 @@ def _run_ranked(spec, uid, tasks, todo, progress: Progress) -> tuple[int, int]:
     from darwinlm.llm.distributed import DistributedShard, init_from_env
     from darwinlm.llm.runtime import resolve_device
 
-    from .tasks import run_task
-    from .workspace import Workspace
-
-    ws = Workspace(spec, uid=uid)
+    ws, run_task = _start(spec, uid=uid)
     try:
         world = init_from_env(device=resolve_device(spec.model.device))
     except RuntimeError as e:  # rendezvous timed out or failed: the peers may come later

@@ -45,7 +45,7 @@ from darwinlm.core.selection import Stage, run_selection
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.data import sample_at_least, sample_exact
 from darwinlm.llm.fitness import TeacherCache, fitness
-from darwinlm.llm.shrink import LayerShrink, head_rows, mask_columns, resolve_plan, mask_model, shrink_model
+from darwinlm.llm.shrink import LayerShrink, head_rows, mask_columns, mask_model, resolve_plan, shrink_model
 from darwinlm.llm.train import ColumnMask, finetune, make_optimizer
 from darwinlm.store import layout
 

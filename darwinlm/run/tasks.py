@@ -11,9 +11,15 @@ import logging
 import time
 
 from darwinlm.core.plan import Task, done_key
+from darwinlm.core.rng import derive_rng
+from darwinlm.llm import database, sensitivity
+from darwinlm.llm.train import posttrain
 from darwinlm.store import layout
 
+from .export import export_model
 from .progress import Progress, no_progress
+from .report import evaluate_and_report
+from .search import run_generation
 from .workspace import load_posttrained
 
 log = logging.getLogger(__name__)
@@ -45,36 +51,29 @@ def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) ->
 
 
 def _database(ws, task: Task, progress: Progress, _shard) -> dict:
-    from darwinlm.llm.database import build_shard, finalize
-
     spec = ws.spec
     bar = progress(f"database {task.index + 1}/{task.count}: calibration", spec.database.calibration_tokens)
     t0 = time.time()
-    layers = build_shard(ws.model, spec.database, spec.model.compute_dtype, ws.pools.calibration, ws.root,
-                         ws.db_key, task.index, task.count, progress=bar)
-    finalize(ws.model, spec.database, ws.root, ws.db_key, ws.pools.calibration.digest(), task.count)
+    layers = database.build_shard(ws.model, spec.database, spec.model.compute_dtype, ws.pools.calibration, ws.root,
+                                  ws.db_key, task.index, task.count, progress=bar)
+    database.finalize(ws.model, spec.database, ws.root, ws.db_key, ws.pools.calibration.digest(), task.count)
     return {"key": ws.db_key, "layers": len(layers), "seconds": round(time.time() - t0, 3)}
 
 
 def _sensitivity(ws, task: Task, progress: Progress, _shard) -> dict:
-    from darwinlm.llm.database import shard_blocks
-    from darwinlm.llm.sensitivity import build_shard
-
     spec = ws.spec
     s = spec.search.sensitivity
     chunks = ws.sensitivity_chunks
-    n_blocks = len(shard_blocks(ws.model.config.num_hidden_layers, task.index, task.count))
+    n_blocks = len(database.shard_blocks(ws.model.config.num_hidden_layers, task.index, task.count))
     bar = progress(f"sensitivity {task.index + 1}/{task.count}", n_blocks * len(chunks))
-    out = build_shard(ws.model, ws.db, s, chunks, ws.root, ws.db_key, ws.sensitivity_key, task.index, task.count,
-                      progress=bar)
+    out = sensitivity.build_shard(ws.model, ws.db, s, chunks, ws.root, ws.db_key, ws.sensitivity_key, task.index,
+                                  task.count, progress=bar)
     return {"key": ws.sensitivity_key, "database": ws.db_key, "blocks": out["blocks"],
             "measured_blocks": len(out.get("measured", [])) if not out.get("reused") else 0,
             "seconds": out["seconds"] if not out.get("reused") else 0.0}
 
 
 def _generation(ws, task: Task, progress: Progress, shard) -> dict:
-    from .search import run_generation
-
     g = task.index
     sp = ws.spec.search
     total = sum(s.survivors for s in sp.selection[:-1]) + sp.offspring + 1
@@ -89,9 +88,6 @@ def _generation(ws, task: Task, progress: Progress, shard) -> dict:
 
 
 def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
-    from darwinlm.core.rng import derive_rng
-    from darwinlm.llm.train import posttrain
-
     spec = ws.spec
     model = ws.builder.shrunk(ws.variant_genome(task.variant))
     total = [0]
@@ -111,13 +107,9 @@ def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
 
 
 def _export(ws, task: Task, progress: Progress, _shard) -> dict:
-    from .export import export_model
-
     model = load_posttrained(ws, "searched")
     return export_model(ws, model, ws.final_genome())
 
 
 def _evaluate(ws, task: Task, progress: Progress, _shard) -> dict:
-    from .report import evaluate_and_report
-
     return evaluate_and_report(ws, progress)

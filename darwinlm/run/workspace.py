@@ -11,9 +11,22 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 
+from safetensors.torch import load as st_load
+
+from darwinlm.core.budget import even_genome
+from darwinlm.core.genome import Genome
+from darwinlm.core.plan import generations_planned
+from darwinlm.core.rng import derive_rng
 from darwinlm.errors import SpecError
+from darwinlm.llm import database, sensitivity
+from darwinlm.llm.adapter import adapter_for
+from darwinlm.llm.data import build_pools, sample_exact
+from darwinlm.llm.fitness import TeacherCache, fitness
+from darwinlm.llm.runtime import load_model
 from darwinlm.spec import spec_to_dict
 from darwinlm.store import layout, open_store
+
+from . import search
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +54,6 @@ class Workspace:
     # -- heavy state, loaded on first use -----------------------------------------------------------
     @cached_property
     def _model_tok(self):
-        from darwinlm.llm.runtime import load_model
-
         return load_model(self.spec.model)
 
     @property
@@ -59,72 +70,53 @@ class Workspace:
 
     @cached_property
     def pools(self):
-        from darwinlm.llm.data import build_pools
-
         return build_pools(self.spec.data, self.tokenizer)
 
     @cached_property
     def db_key(self) -> str:
-        from darwinlm.llm.database import database_key
-
-        return database_key(self.model, self.spec.database, self.pools.calibration.digest())
+        return database.database_key(self.model, self.spec.database, self.pools.calibration.digest())
 
     @cached_property
     def db(self):
-        from darwinlm.llm.database import LayerDatabase, finalize
-
         marker = layout.shard_done("database", 0, self.spec.database.shards)
         if self.store.exists(marker) and self.store.get_json(marker).get("key") != self.db_key:
             raise SpecError([("database", f"this search was built on layer database "
                                           f"{self.store.get_json(marker).get('key')}, but this library version "
                                           f"computes {self.db_key} (algorithm or data changed); "
                                           "start a new search name or store")])
-        if finalize(self.model, self.spec.database, self.root, self.db_key, self.pools.calibration.digest(),
-                    self.spec.database.shards) is None:
+        if database.finalize(self.model, self.spec.database, self.root, self.db_key, self.pools.calibration.digest(),
+                             self.spec.database.shards) is None:
             raise RuntimeError("the layer database is incomplete: run the database tasks first")
-        return LayerDatabase(self.root, self.db_key)
+        return database.LayerDatabase(self.root, self.db_key)
 
     @cached_property
     def sensitivity_chunks(self):
-        from darwinlm.llm.sensitivity import sensitivity_chunks
-
-        return sensitivity_chunks(self.pools.calibration, self.spec.search.sensitivity.tokens)
+        return sensitivity.sensitivity_chunks(self.pools.calibration, self.spec.search.sensitivity.tokens)
 
     @cached_property
     def sensitivity_key(self) -> str:
-        from darwinlm.llm.sensitivity import table_key
-
-        return table_key(self.db_key, self.sensitivity_chunks, self.spec.search.sensitivity)
+        return sensitivity.table_key(self.db_key, self.sensitivity_chunks, self.spec.search.sensitivity)
 
     def sensitivity_table(self) -> dict:
         """The sensitivity table (``search.init: sensitivity``), assembled once all its shards are complete."""
-        from darwinlm.llm.adapter import adapter_for
-        from darwinlm.llm.sensitivity import finalize
-
         s = self.spec.search.sensitivity
         meta = {"tokens": sum(int(c.numel()) for c in self.sensitivity_chunks), "dtype": s.dtype}
-        table = finalize(self.root, self.db_key, self.sensitivity_key, s.shards, adapter_for(self.model).num_layers,
-                         meta)
+        table = sensitivity.finalize(self.root, self.db_key, self.sensitivity_key, s.shards,
+                                     adapter_for(self.model).num_layers, meta)
         if table is None:
             raise RuntimeError("the sensitivity table is incomplete: run the sensitivity tasks first")
         return table
 
     @cached_property
     def space(self):
-        from .search import build_space
-
-        return build_space(self.model, self.db)
+        return search.build_space(self.model, self.db)
 
     @cached_property
     def builder(self):
-        from .search import CandidateBuilder
-
-        return CandidateBuilder(self.model, self.db, self.space)
+        return search.CandidateBuilder(self.model, self.db, self.space)
 
     @cached_property
     def teacher(self):
-        from darwinlm.llm.fitness import TeacherCache
-
         f = self.spec.search.fitness
         if f.kind == "ppl":
             return None
@@ -132,19 +124,14 @@ class Workspace:
 
     @cached_property
     def evaluator(self):
-        from .search import Evaluator
-
-        return Evaluator(self.builder, self.teacher, self.spec.search, self.spec.model.compute_dtype)
+        return search.Evaluator(self.builder, self.teacher, self.spec.search, self.spec.model.compute_dtype)
 
     # -- search state ---------------------------------------------------------------------------------
     def initial_parent(self):
-        from darwinlm.core.genome import Genome
-        from .search import initial_parent
-
         if self.store.exists(layout.INIT):
             return Genome.from_dict(self.space, self.store.get_json(layout.INIT)["parent"])
         table = self.sensitivity_table() if self.spec.search.init == "sensitivity" else None
-        parent, info = initial_parent(self.space, self.spec, self.evaluator, self.pools, table=table)
+        parent, info = search.initial_parent(self.space, self.spec, self.evaluator, self.pools, table=table)
         uniform = self.uniform_genome()
         record = {"parent": parent.to_dict(), "init": self.spec.search.init, **info}
         if self.spec.search.tracking_tokens:
@@ -160,24 +147,17 @@ class Workspace:
 
     @cached_property
     def tracking_chunks(self):
-        from darwinlm.llm.data import sample_exact
-        from darwinlm.core.rng import derive_rng
-
         # seed 0, not the spec's: searches with different seeds are tracked on the same batch
         return sample_exact(self.pools.calibration, self.spec.search.tracking_tokens, derive_rng(0, "tracking"))
 
     def track(self, genome) -> float:
         """The genome's one-shot fitness (no fine-tuning) on the fixed tracking batch."""
-        from darwinlm.llm.fitness import fitness
-
         model = self.builder.shrunk(genome)
         return float(fitness(self.spec.search.fitness.kind, model, self.tracking_chunks, self.teacher,
                              self.spec.model.compute_dtype))
 
     def parent_for(self, g: int):
         """The parent generation ``g`` starts from (the winner of g-1)."""
-        from darwinlm.core.genome import Genome
-
         if g == 0:
             return self.initial_parent()
         return Genome.from_dict(self.space, self.store.get_json(layout.generation_state(g - 1))["winner"])
@@ -193,15 +173,10 @@ class Workspace:
         return self.store.get_json(layout.generation_state(g - 1)).get("tracking", {}).get("fitness")
 
     def final_genome(self):
-        from darwinlm.core.plan import generations_planned
-
         return self.parent_for(generations_planned(self.spec, self.store))
 
     def uniform_genome(self):
-        from darwinlm.core.budget import even_genome
-        from .search import target_sums
-
-        return even_genome(self.space, target_sums(self.space, self.spec.search.target))
+        return even_genome(self.space, search.target_sums(self.space, self.spec.search.target))
 
     def variant_genome(self, variant: str):
         """The genome of a post-training variant: ``searched`` (the search's result) or ``uniform``."""
@@ -210,8 +185,6 @@ class Workspace:
 
 def load_posttrained(ws, variant: str):
     """The shrunk model of ``variant`` with its post-trained weights (if post-training ran)."""
-    from safetensors.torch import load as st_load
-
     model = ws.builder.shrunk(ws.variant_genome(variant))
     prefix = layout.posttrain_prefix(variant)
     if ws.store.exists(layout.checkpoint_meta(prefix)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from darwinlm.core.plan import Task, done_key, generations_planned
+from darwinlm.core.plan import Task, all_tasks, done_key, generations_planned
 from darwinlm.store import layout
 
 from . import conditions as C
@@ -145,8 +145,6 @@ def _finite(x: Any) -> float | None:
 
 def _progress(ctx: Context, tasks: list[Task]) -> None:
     """Generation i/N, best fitness, ETA, offspring counts and the checkpoint, from the store."""
-    from darwinlm.core.plan import all_tasks
-
     spec, store, st = ctx.spec, ctx.store, ctx.status
     total_g = generations_planned(spec, store)
     states = []
