@@ -25,7 +25,8 @@ Layout of the package (``darwinlm.store`` re-exports the public names):
 * ``base.py``: ``check_key`` and the prefix helpers, sha256 verification, atomic local writes,
   and ``_StoreBase`` (JSON and directory operations shared by both backends);
 * ``file.py``: ``FileStore`` (``file://``);
-* ``s3.py``: ``S3Store`` and its boto3 connection ``_S3Conn`` (``s3://``).
+* ``s3.py``: ``S3Store`` and its boto3 connection ``_S3Conn`` (``s3://``);
+* ``layout.py``: where every artifact lives (the keys), spelled once.
 
 This module must not import torch: the Kubernetes operator imports it.
 """
