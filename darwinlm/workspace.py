@@ -69,6 +69,19 @@ class Workspace:
         return build_pools(self.spec.data, self.tokenizer)
 
     @cached_property
+    def search_pools(self):
+        """The pools the search draws from: the calibration pool without the database's Hessian tokens when
+        ``search.fitness.exclude_database_tokens`` (fitness, tracking and initial-genome batches)."""
+        import dataclasses
+
+        from .data import after_prefix
+
+        if not self.spec.search.fitness.exclude_database_tokens:
+            return self.pools
+        rest = after_prefix(self.pools.calibration, self.spec.database.calibration_tokens, "selection")
+        return dataclasses.replace(self.pools, calibration=rest)
+
+    @cached_property
     def db_key(self) -> str:
         from .database import database_key
 
@@ -149,7 +162,7 @@ class Workspace:
         if self.store.exists("init.json"):
             return Genome.from_dict(self.space, self.store.get_json("init.json")["parent"])
         table = self.sensitivity_table() if self.spec.search.init == "sensitivity" else None
-        parent, info = initial_parent(self.space, self.spec, self.evaluator, self.pools, table=table)
+        parent, info = initial_parent(self.space, self.spec, self.evaluator, self.search_pools, table=table)
         uniform = self.uniform_genome()
         record = {"parent": parent.to_dict(), "init": self.spec.search.init, **info}
         if self.spec.search.tracking_tokens:
@@ -169,7 +182,7 @@ class Workspace:
         from .rng import derive_rng
 
         # seed 0, not the spec's: searches with different seeds are tracked on the same batch
-        return sample_exact(self.pools.calibration, self.spec.search.tracking_tokens, derive_rng(0, "tracking"))
+        return sample_exact(self.search_pools.calibration, self.spec.search.tracking_tokens, derive_rng(0, "tracking"))
 
     def track(self, genome) -> float:
         """The genome's one-shot fitness (no fine-tuning) on the fixed tracking batch."""
