@@ -181,13 +181,13 @@ def run_path(name: str, ws, spec, parent, kids, g: int, workdir: str) -> dict:
     # pool fits). So the teacher is not part of a generation's time: computed here, untimed, per path.
     t0 = time.process_time()
     for si, st in enumerate(pspec.search.selection):
-        for c in sample_exact(ws.pools.calibration, st.fitness_tokens,
+        for c in sample_exact(ws.search_pools.calibration, st.fitness_tokens,
                               derive_rng(pspec.seed, "fitness-batch", g, si)):
             teacher_get(c)
     teacher_cpu = time.process_time() - t0
     store = open_store(f"file://{tempfile.mkdtemp(prefix=f'gen-{name}-', dir=workdir)}")
     t0, c0 = time.perf_counter(), time.process_time()
-    res = run_generation(g, parent, ws.space, pspec, ws.pools, evaluate, store)
+    res = run_generation(g, parent, ws.space, pspec, ws.search_pools, evaluate, store)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     stats = getattr(evaluate, "stats", {})
     if hasattr(evaluate, "close"):

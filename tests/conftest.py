@@ -95,7 +95,7 @@ def tiny_spec_dict(assets: pathlib.Path, store: str, **over) -> dict:
                  "heldout": {"path": str(assets / "text" / "heldout")},
                  "seq_len": 64, "calibration_tokens": 2048, "finetune_tokens": 2048, "heldout_tokens": 512},
         "database": {"attention": {}, "mlp": {"levels": 5, "granularity": 4}, "calibration_tokens": 1024},
-        "search": {"target": {"fraction": 0.5}, "generations": 3, "offspring": 4,
+        "search": {"target": {"fraction": 0.5}, "generations": 3, "offspring": 4, "tracking_tokens": 256,
                    "selection": [{"survivors": 2, "fitness_tokens": 128, "finetune_tokens": 64},
                                  {"survivors": 1, "fitness_tokens": 256, "finetune_tokens": 128}],
                    "fitness": {"kind": "kl"}, "finetune": {"lr": 1e-4}},

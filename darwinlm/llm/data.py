@@ -29,7 +29,7 @@ from darwinlm.errors import SpecError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenPool", "Pools", "load_documents", "build_pools", "build_heldout_set", "sample_exact",
+__all__ = ["TokenPool", "Pools", "load_documents", "build_pools", "build_heldout_set", "after_prefix", "sample_exact",
            "sample_at_least"]
 
 _DATA_SEED = 0  # fixed on purpose: pools are part of the database key, independent of the search seed
@@ -141,6 +141,17 @@ def build_pools(data_spec, tokenizer) -> Pools:
         len(pools.finetune.chunks), pools.heldout.tokens, len(pools.heldout.chunks),
     )
     return pools
+
+
+def after_prefix(pool: TokenPool, tokens: int, name: str) -> TokenPool:
+    """The chunks of ``pool`` after its first ``tokens`` tokens (the chunk that reaches ``tokens`` counts as
+    used, as the database's Hessians use it): what is left of the calibration pool for selection."""
+    total = 0
+    for i, c in enumerate(pool.chunks):
+        total += int(c.numel())
+        if total >= tokens:
+            return TokenPool(name, pool.chunks[i + 1:])
+    return TokenPool(name, ())
 
 
 def build_heldout_set(hs, tokenizer, seq_len: int, index: int) -> TokenPool:

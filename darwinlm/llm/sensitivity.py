@@ -112,13 +112,15 @@ class _Teacher:
         self.positions = logp.shape[0]
 
 
-def _tail_kl(model, tail, x: torch.Tensor, kw: dict, t: _Teacher, compute_dtype: str) -> torch.Tensor:
+def _tail_kl(model, tail, x: torch.Tensor, kw: dict, t: _Teacher, compute_dtype: str,
+             head_dtype: str | None = None) -> torch.Tensor:
     """Σ over positions of KL(dense ‖ variant) for a batch of block outputs ``x`` [n, T, H] -> [n]."""
     device = x.device
     with autocast(device, compute_dtype):
         for layer in tail:
             x = layer(x, **kw)
-        h = model.model.norm(x)[:, :-1]  # [n, T-1, H]
+    with autocast(device, head_dtype or compute_dtype):
+        h = model.model.norm(x.float() if head_dtype == "float32" else x)[:, :-1]  # [n, T-1, H]
         # one variant at a time: a [T-1, V] block of logits stays in cache for the logsumexp
         lse = torch.stack([torch.logsumexp(model.lm_head(h[i]).float(), dim=-1) for i in range(h.shape[0])])  # [n, T-1]
     pz = (h.float() * t.pw).sum(-1)  # [n, T-1]
@@ -127,11 +129,36 @@ def _tail_kl(model, tail, x: torch.Tensor, kw: dict, t: _Teacher, compute_dtype:
     return (t.neg_entropy - pz + lse).sum(-1)
 
 
+def _mlp_input(layer, d_lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The input of the block's down_proj (the MLP's channels) for residual stream ``x``."""
+    seen = {}
+    hook = d_lin.register_forward_pre_hook(lambda _m, a: seen.__setitem__("d_in", a[0]))
+    try:
+        layer.mlp(layer.post_attention_layernorm(x))
+    finally:
+        hook.remove()
+    return seen["d_in"]
+
+
+_DENSE = object()  # the ``cols`` of level 0: the layer's own dense weight
+
+
+def _at_level(lin: torch.nn.Linear, x: torch.Tensor, cols, w, dtype) -> torch.Tensor:
+    """``lin`` at one level: dense (``cols is _DENSE``), nothing kept (None), or kept columns ``cols``."""
+    return lin(x) if cols is _DENSE else _linear_in(x, lin, cols, w, dtype)
+
+
 @torch.no_grad()
 def measure_blocks(model, db, chunks: Sequence[torch.Tensor], compute_dtype: str, blocks: Iterable[int], *,
-                   on_block: Callable[[int, dict[str, list[float]]], None] | None = None,
-                   progress: Callable[[int], None] | None = None, batch: int = 8) -> dict[str, list[float]]:
+                   base=None, on_block: Callable[[int, dict[str, list[float]]], None] | None = None,
+                   progress: Callable[[int], None] | None = None, batch: int = 8,
+                   head_dtype: str | None = None) -> dict[str, list[float]]:
     """``{layer: [KL at level 0, 1, ...]}`` for the attention and MLP layers of ``blocks``.
+
+    ``model`` is the dense model (the teacher, and the source of every layer's dense inputs). ``base``:
+    ``(base_model, levels)``, a pruned model and its ``{layer: level}``: then every entry is the KL of
+    the base configuration with only that one layer moved to that level (the operating point), and the
+    entry at the layer's base level is the base model's own KL. Default: the dense model (levels 0).
 
     ``on_block(b, rows)`` is called after each block with that block's rows (persist them there: a crash
     then loses at most one block). ``progress(1)`` ticks once per (block, chunk). ``batch``: variants
@@ -141,17 +168,23 @@ def measure_blocks(model, db, chunks: Sequence[torch.Tensor], compute_dtype: str
     wdtype = next(model.parameters()).dtype
     blocks = sorted(blocks)
     layers = ad.blocks(model)
-    # the prefix: every block's input for every chunk, and the dense log-probs, from one dense pass each
+    base_model, base_levels = base if base is not None else (model, {})
+    tail_layers = adapter_for(base_model).blocks(base_model)
+    # the prefix: every block's input for every chunk (in the base model), and the dense log-probs
     prefix: list[dict[int, torch.Tensor]] = []
     kwargs: list[dict] = []
     teacher: list[_Teacher] = []
     for c in chunks:
-        cap = _Capture(model, blocks)
+        ids = c.view(1, -1).to(device)
+        cap = _Capture(base_model, blocks)
         try:
             with autocast(device, compute_dtype):
-                logits = model(input_ids=c.view(1, -1).to(device), use_cache=False).logits[0, :-1]  # [T-1, V]
+                logits = base_model(input_ids=ids, use_cache=False).logits[0, :-1]  # [T-1, V]
         finally:
             cap.remove()
+        if base is not None:
+            with autocast(device, compute_dtype):
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # [T-1, V]
         teacher.append(_Teacher(logits, model.lm_head))
         prefix.append(cap.inputs)
         kwargs.append(cap.kwargs)
@@ -160,46 +193,53 @@ def measure_blocks(model, db, chunks: Sequence[torch.Tensor], compute_dtype: str
         layer = layers[b]
         attn, mlp = ad.attn_name(b), ad.mlp_name(b)
         o_lin, d_lin = ad.o_proj(model, b), ad.down_proj(model, b)
-        variants = {}
-        if attn in db.ladders:
-            variants[attn] = _level_inputs(db, attn, ad.head_dim, device, wdtype)
-        if mlp in db.ladders:
-            variants[mlp] = _level_inputs(db, mlp, 1, device, wdtype)
-        totals = {n: [0.0] * (len(v) + 1) for n, v in variants.items()}
+        variants, at_base = {}, {}
+        for name, group in ((attn, ad.head_dim), (mlp, 1)):
+            if name in db.ladders:
+                variants[name] = [(0, _DENSE, None)] + _level_inputs(db, name, group, device, wdtype)
+                at_base[name] = variants[name][base_levels.get(name, 0)]
+        totals = {n: [0.0] * len(v) for n, v in variants.items()}
         count = 0
         for ci, c in enumerate(chunks):
             h = prefix[ci][b]  # [1, T, H]
             kw = kwargs[ci]
             seen = {}
             hooks = [o_lin.register_forward_pre_hook(lambda _m, a: seen.__setitem__("o_in", a[0])),
-                     o_lin.register_forward_hook(lambda _m, _a, o: seen.__setitem__("o_out", o)),
-                     d_lin.register_forward_pre_hook(lambda _m, a: seen.__setitem__("d_in", a[0]))]
+                     o_lin.register_forward_hook(lambda _m, _a, o: seen.__setitem__("o_out", o))]
             try:
                 with autocast(device, compute_dtype):
-                    layer(h, **kw)
+                    layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)  # the dense attention
             finally:
                 for hk in hooks:
                     hk.remove()
             xs, owners = [], []
             with autocast(device, compute_dtype):
+                _, mcols, mw = at_base.get(mlp, (0, _DENSE, None))
                 for level, cols, w in variants.get(attn, ()):
-                    x = h + _linear_in(seen["o_in"], o_lin, cols, w, wdtype)
-                    xs.append(x + layer.mlp(layer.post_attention_layernorm(x)))
+                    if base is None and level == 0:
+                        continue  # the dense model itself: KL 0
+                    x = h + (seen["o_out"] if cols is _DENSE else _linear_in(seen["o_in"], o_lin, cols, w, wdtype))
+                    xs.append(x + _at_level(d_lin, _mlp_input(layer, d_lin, x), mcols, mw, wdtype))
                     owners.append((attn, level))
-                resid = h + seen["o_out"]
+                _, acols, aw = at_base.get(attn, (0, _DENSE, None))
+                resid = h + (seen["o_out"] if acols is _DENSE else _linear_in(seen["o_in"], o_lin, acols, aw, wdtype))
+                d_in = _mlp_input(layer, d_lin, resid)  # the same channels for every MLP level
                 for level, cols, w in variants.get(mlp, ()):
-                    xs.append(resid + _linear_in(seen["d_in"], d_lin, cols, w, wdtype))
+                    if base is None and level == 0:
+                        continue
+                    xs.append(resid + _at_level(d_lin, d_in, cols, w, wdtype))
                     owners.append((mlp, level))
             t = teacher[ci]
             for lo in range(0, len(xs), batch):
-                kl = _tail_kl(model, layers[b + 1:], torch.cat(xs[lo:lo + batch]), kw, t, compute_dtype)  # [n]
+                kl = _tail_kl(base_model, tail_layers[b + 1:], torch.cat(xs[lo:lo + batch]), kw, t, compute_dtype,
+                              head_dtype)
                 for (name, level), v in zip(owners[lo:lo + batch], kl.tolist()):
                     totals[name][level] += v
             count += t.positions
             if progress is not None:
                 progress(1)
         # KL >= 0; the entropy/logsumexp form can land a rounding error below 0 for a harmless level
-        rows = {n: [0.0] + [max(v / max(count, 1), 0.0) for v in t[1:]] for n, t in totals.items()}
+        rows = {n: [max(v / max(count, 1), 0.0) for v in t] for n, t in totals.items()}
         out.update(rows)
         if on_block is not None:
             on_block(b, rows)

@@ -81,7 +81,7 @@ def _generation(ws, task: Task, progress: Progress, shard) -> dict:
     last = ws.last_tracking(g) if sp.tracking_tokens and writer else None
     shown = f" · tracking {last:.4f}" if last is not None else ""
     bar = progress(f"generation {g + 1}/{sp.generations}{shown}", total)
-    res = run_generation(g, ws.parent_for(g), ws.space, ws.spec, ws.pools, ws.evaluator, ws.store,
+    res = run_generation(g, ws.parent_for(g), ws.space, ws.spec, ws.search_pools, ws.evaluator, ws.store,
                          shard=shard, progress=bar, stale_before=ws.stale_before(g),
                          track=ws.track if sp.tracking_tokens else None)
     return res.state  # the generation state is its own completion marker

@@ -8,6 +8,7 @@ the store, so two workspaces on two machines compute the same things.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import cached_property
 
@@ -20,7 +21,7 @@ from darwinlm.core.rng import derive_rng
 from darwinlm.errors import SpecError
 from darwinlm.llm import database, sensitivity
 from darwinlm.llm.adapter import adapter_for
-from darwinlm.llm.data import build_pools, sample_exact
+from darwinlm.llm.data import after_prefix, build_pools, sample_exact
 from darwinlm.llm.fitness import TeacherCache, fitness
 from darwinlm.llm.runtime import load_model
 from darwinlm.spec import spec_to_dict
@@ -71,6 +72,15 @@ class Workspace:
     @cached_property
     def pools(self):
         return build_pools(self.spec.data, self.tokenizer)
+
+    @cached_property
+    def search_pools(self):
+        """The pools the search draws from: the calibration pool without the database's Hessian tokens when
+        ``search.fitness.exclude_database_tokens`` (fitness, tracking and initial-genome batches)."""
+        if not self.spec.search.fitness.exclude_database_tokens:
+            return self.pools
+        rest = after_prefix(self.pools.calibration, self.spec.database.calibration_tokens, "selection")
+        return dataclasses.replace(self.pools, calibration=rest)
 
     @cached_property
     def db_key(self) -> str:
@@ -131,7 +141,7 @@ class Workspace:
         if self.store.exists(layout.INIT):
             return Genome.from_dict(self.space, self.store.get_json(layout.INIT)["parent"])
         table = self.sensitivity_table() if self.spec.search.init == "sensitivity" else None
-        parent, info = search.initial_parent(self.space, self.spec, self.evaluator, self.pools, table=table)
+        parent, info = search.initial_parent(self.space, self.spec, self.evaluator, self.search_pools, table=table)
         uniform = self.uniform_genome()
         record = {"parent": parent.to_dict(), "init": self.spec.search.init, **info}
         if self.spec.search.tracking_tokens:
@@ -148,7 +158,7 @@ class Workspace:
     @cached_property
     def tracking_chunks(self):
         # seed 0, not the spec's: searches with different seeds are tracked on the same batch
-        return sample_exact(self.pools.calibration, self.spec.search.tracking_tokens, derive_rng(0, "tracking"))
+        return sample_exact(self.search_pools.calibration, self.spec.search.tracking_tokens, derive_rng(0, "tracking"))
 
     def track(self, genome) -> float:
         """The genome's one-shot fitness (no fine-tuning) on the fixed tracking batch."""

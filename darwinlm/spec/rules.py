@@ -48,6 +48,17 @@ def cross_section_problems(s: Any) -> Problems:
              "data.heldout_tokens")):
         if n is not None and n > pool:
             out.append((path, f"{n} exceeds {pool_name} ({pool})"))
+    if s.search.fitness.exclude_database_tokens:
+        spare = d.calibration_tokens - s.database.calibration_tokens
+        needs = [(f"search.selection[{i}].fitness_tokens", st.fitness_tokens) for i, st in enumerate(stages)]
+        needs += [("search.tracking_tokens", s.search.tracking_tokens)]
+        if s.search.init == "random":
+            needs.append(("search.initial_tokens", s.search.initial_tokens))
+        for path, n in needs:
+            if n > spare:
+                out.append((path, f"{n} exceeds the calibration tokens the database does not use "
+                                  f"(data.calibration_tokens - database.calibration_tokens = {spare}); raise "
+                                  "data.calibration_tokens or set search.fitness.exclude_database_tokens: false"))
     if s.search.init == "random" and s.search.initially_generated < 1:
         out.append(("search.initially_generated", "must be >= 1 with search.init: random (how many random "
                                                   "genomes to score), got 0"))

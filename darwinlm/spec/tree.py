@@ -200,6 +200,13 @@ class FitnessSpec(SpecNode):
     tokens (less memory for cached teacher logits); ppl = perplexity of the candidate."""
     topk: int = setting(512, ge=1)
     """k of topk_kl. EvoPress found top-k KL to track full KL only for k >= 512."""
+    exclude_database_tokens: bool = True
+    """Draw fitness, tracking and initial-genome batches only from calibration tokens the layer database
+    did not use for its Hessians (the pool after the first database.calibration_tokens). The OBS
+    compensation is fitted to those tokens, so a pruned model looks better on them than on new text, by
+    how much differs per layer, and selection on them favours what generalises worst (on SmolLM2 the
+    uniform model's KL is about half on Hessian tokens of what it is on held-out text). false = the whole
+    calibration pool, as the reference code does (there the database's 8M tokens dwarf the fitness ones)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

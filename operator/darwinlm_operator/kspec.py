@@ -238,7 +238,8 @@ def _library_limits() -> Mapping[str, Bounds]:
     limits = {"search.selection": Bounds(max_items=MAX_STAGES),
               "database.attention.fractions": Bounds(max_items=256),
               "database.mlp.fractions": Bounds(max_items=256),
-              "evaluation.baselines": Bounds(max_items=2)}
+              "evaluation.baselines": Bounds(max_items=2),
+              "evaluation.extra_heldout": Bounds(max_items=16)}
     for path, f in _library_strings():
         b = f.metadata.get("bounds")
         if path != "name" and (b is None or b.max_length is None):

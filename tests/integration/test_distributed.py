@@ -83,13 +83,15 @@ def runs(tiny_assets, tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         a = f"file://{tmp / 'A'}"
-        for name in ["database-0-of-1"] + [f"generation-{g}" for g in range(GENERATIONS)]:
+        for name in ["database-0-of-1", "sensitivity-0-of-1"] + [f"generation-{g}" for g in range(GENERATIONS)]:
             assert cli.main(["--log-level", "WARNING", "task", str(spec_path), name, "--store", a]) == 0
     finally:
         torch.set_num_threads(threads)  # load_model set the spec's thread count in this process
-    # B starts from A's database (content-addressed: the same key) and none of its generations
+    # B starts from A's database and sensitivity table (content-addressed: the same keys) and none of its
+    # generations
     shutil.copytree(tmp / "A" / "databases", tmp / "B" / "databases")
-    shutil.copytree(tmp / "A" / "searches" / "tiny" / "database", tmp / "B" / "searches" / "tiny" / "database")
+    for phase in ("database", "sensitivity"):
+        shutil.copytree(tmp / "A" / "searches" / "tiny" / phase, tmp / "B" / "searches" / "tiny" / phase)
     b_uri = f"file://{tmp / 'B'}"
     b = open_store(b_uri).child("searches/tiny")
     assert _wait(_ranks(spec_path, b_uri, ["generation-0"])) == [0, 0]

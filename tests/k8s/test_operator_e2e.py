@@ -62,7 +62,8 @@ def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s
     # Jobs: deterministic names, labels, owner; one attempt each
     jobs = k8s.jobs(namespace)
     names = sorted(j["metadata"]["name"] for j in jobs)
-    assert names == sorted(["tiny-database-0-of-1-a0", "tiny-generation-0-a0", "tiny-generation-1-a0",
+    assert names == sorted(["tiny-database-0-of-1-a0", "tiny-sensitivity-0-of-1-a0", "tiny-generation-0-a0",
+                            "tiny-generation-1-a0",
                             "tiny-generation-2-a0", *[f"tiny-posttrain-{v}-a0" for v in variants(embedded)],
                             "tiny-export-a0", "tiny-evaluate-a0"])
     for j in jobs:
@@ -254,6 +255,6 @@ def test_distributed_generation_matches_a_single_process(cluster, kubectl, k8s, 
     from darwinlm.spec import load_spec
 
     spec = load_spec(tiny_spec_dict(tiny_assets, f"file://{tmp_path / 'one'}", **{"search.generations": 1}))
-    ws = run_search(spec, until=lambda t: t.kind != "database" and t.kind != "generation")
+    ws = run_search(spec, until=lambda t: t.kind not in ("database", "sensitivity", "generation"))
     want = ws.store.get_json("generations/00000/state.json")
     assert got["winner"] == want["winner"] and got["best_fitness"] == want["best_fitness"]

@@ -33,7 +33,7 @@ from tests.k8s._helpers import (
 )
 from tests.support.cluster import wait_for
 
-KINDS = ("database", "generation", "posttrain", "export", "evaluate")
+from darwinlm.core.plan import KINDS  # noqa: E402
 
 
 def _kind(job_name: str) -> str:

@@ -57,7 +57,7 @@ FULL = {
             {"survivors": 2, "fitness_tokens": 1024, "finetune_tokens": 4000},
             {"survivors": 1, "fitness_tokens": 2048, "finetune_tokens": 0},
         ],
-        "fitness": {"kind": "topk_kl", "topk": 256},
+        "fitness": {"kind": "topk_kl", "topk": 256, "exclude_database_tokens": False},
         "finetune": {"optimizer": "sgd", "lr": 1e-4, "weight_decay": 0.01, "betas": [0.8, 0.99],
                      "batch_size": 2, "mode": "mask"},
         "init": "random", "initially_generated": 4, "initial_tokens": 1024,
@@ -294,6 +294,18 @@ def test_value_messages():
      [("evaluation.heldout_tokens", "9000 exceeds data.heldout_tokens (8000)")]),
     ({"search.target.mean_level": 5},
      [("search.target.mean_level", "5 exceeds the last level of database.attention (4)")]),
+    ({"search.fitness.exclude_database_tokens": True, "search.selection.2.fitness_tokens": 30000},
+     [("search.selection[2].fitness_tokens", "30000 exceeds the calibration tokens the database does not use "
+       "(data.calibration_tokens - database.calibration_tokens = 20000); raise data.calibration_tokens or set "
+       "search.fitness.exclude_database_tokens: false")]),
+    ({"search.init": "even"},
+     [("search.initially_generated", "is only used with search.init: random, but init is 'even'; set init: "
+       "random or remove it")]),
+    ({"search.initially_generated": 0},
+     [("search.initially_generated", "must be >= 1 with search.init: random (how many random genomes to score), "
+       "got 0")]),
+    ({"evaluation.extra_heldout.0.name": "heldout"},
+     [("evaluation.extra_heldout[0].name", "'heldout' names data.heldout; choose another name")]),
 ])
 def test_inconsistent_sections(changes, expected):
     assert errors_of(full(**changes)) == expected
