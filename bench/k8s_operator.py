@@ -39,8 +39,8 @@ Two measurements:
 The operator honours DARWINLM_RECONCILE_INTERVAL (seconds between reconciles of a search that nothing pokes,
 default 2; ``--interval``), DARWINLM_METRICS_PORT (a free port is given) and DARWINLM_STALE_AFTER.
 
-    .venv/bin/python bench/operator.py                      # fake Jobs, 12 generations + 100 searches: ~1-2 min
-    .venv/bin/python bench/operator.py --real --generations 10 --skip-memory --json
+    .venv/bin/python bench/k8s_operator.py                      # fake Jobs, 12 generations + 100 searches: ~1-2 min
+    .venv/bin/python bench/k8s_operator.py --real --generations 10 --skip-memory --json
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/operator.py must not shadow the standard library's ``operator`` for anything imported later
+# bench/ is not an import root: only the repository and operator/ are (as in the operator's image)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 for p in (REPO / "operator", REPO):
     if str(p) not in sys.path:
