@@ -118,7 +118,10 @@ def _evaluate(ws, progress) -> tuple[dict[str, list[dict]], list[dict]]:
         scores = evaluate_models(ws.model, models, chunks, spec.model.compute_dtype, bar)
         rows[set_name] = [{"model": labels[k][0], "stage": labels[k][1],
                            "nonembedding_params": adapter_for(m).nonembedding_param_count(m),
-                           **{f: scores[k][f] for f in ("ppl", "kl", "tokens")}} for k, m in models.items()]
+                           **{f: scores[k][f] for f in ("ppl", "kl", "tokens")},
+                           # per chunk, so runs that share the held-out chunks can be compared pairwise later
+                           "chunk_nll": [float(x) for x in scores[k]["chunk_nll"]],
+                           "chunk_tokens": [int(x) for x in scores[k]["chunk_tokens"]]} for k, m in models.items()]
         for stage, (u, s) in (("one-shot", ("uniform", "searched")), ("post-trained", ("uniform+pt", "searched+pt"))):
             if u not in scores or s not in scores:
                 continue
