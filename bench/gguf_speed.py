@@ -5,7 +5,7 @@ The speedup where users run small models. Two GGUF files of the same tensor type
 one process through llama-cpp-python (the llama.cpp that scripts/setup.sh builds):
 
   dense    the dense source model (``model.path`` of the search's spec), written by the same exporter
-           (``darwinlm.llm.gguf_export``, architecture ``deci``) into ``--work`` (cached there);
+           (``darwinlm.llm.gguf_export``, architecture ``deci``) into ``--work``;
   pruned   the search's GGUF export, ``result/gguf/model-<type>.gguf`` (``darwinlm export SPEC --format gguf``).
 
 Two measurements per model on the same tokens (held-out Brown text, the search's tokenizer):
@@ -26,6 +26,7 @@ shrink in proportion, so a real speedup sits a little under the ideal.
 
     .venv/bin/python bench/gguf_speed.py --spec examples/smollm2-quick.yaml --type f16
     .venv/bin/python bench/gguf_speed.py --spec examples/smollm2-quick.yaml --store file:///tmp/q --type q8_0 --json
+    .venv/bin/python bench/gguf_speed.py --hf runs/searches/smollm2-quick/result/model --type q8_0
 """
 
 from __future__ import annotations
@@ -60,10 +61,8 @@ def per_token_weights(path: Path) -> int:
 
 
 def dense_gguf(spec, gguf_type: str, work: Path) -> Path:
-    """The dense model as a GGUF of ``gguf_type``, written once into ``work``."""
+    """The dense model as a GGUF of ``gguf_type``, written into ``work`` (every run: the exporter may change)."""
     out = work / f"dense-{gguf_type}.gguf"
-    if out.exists():
-        return out
     from darwinlm.llm.gguf_export import write_gguf
     from darwinlm.llm.runtime import load_model
     from darwinlm.run.export import gguf_tokenizer
@@ -74,6 +73,21 @@ def dense_gguf(spec, gguf_type: str, work: Path) -> Path:
     write_gguf(model.eval(), tmp, gguf_type=gguf_type, tokenizer=gguf_tokenizer(spec), name="dense")
     tmp.rename(out)
     return out
+
+
+def hf_gguf(spec, model_dir: Path, gguf_type: str, work: Path) -> tuple[Path, dict]:
+    """A darwinlm HF export written as a GGUF of ``gguf_type`` into ``work`` (with what it cost)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import darwinlm  # noqa: F401  (registers darwinlm_llama)
+    from darwinlm.llm.gguf_export import write_gguf
+    from darwinlm.run.export import gguf_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"pruned-{gguf_type}.gguf"
+    return out, write_gguf(model, out, gguf_type=gguf_type, tokenizer=gguf_tokenizer(spec), name="pruned")
 
 
 def heldout_tokens(spec, n: int) -> list[int]:
@@ -108,8 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--store", help="the store the search ran in (default: the spec's)")
     p.add_argument("--type", default="f16", dest="gguf_type", help="GGUF type of both files (f16, q8_0, ...)")
     p.add_argument("--pruned", help="a pruned GGUF file instead of the search's export")
+    p.add_argument("--hf", help="a darwinlm HF export directory (result/model/) instead of the search's GGUF: "
+                                "written as GGUF by the same exporter into --work first")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "darwinlm" / "bench"),
-                   help="where the dense GGUF is written and kept")
+                   help="where the GGUF files are written")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     p.add_argument("--gen", type=int, default=64, help="generated tokens (single-token evals)")
@@ -123,8 +139,12 @@ def main(argv=None) -> int:
     spec = load_spec(args.spec)
     if args.store:
         spec = with_overrides(spec, store=args.store)
+    marker = {}
     if args.pruned:
         pruned_path = Path(args.pruned)
+    elif args.hf:
+        pruned_path, info = hf_gguf(spec, Path(args.hf), args.gguf_type, Path(args.work))
+        marker = {"gguf": {args.gguf_type: info}}
     else:
         store = open_store(spec.store).child(layout.search_prefix(spec.name))
         key = layout.gguf_file(args.gguf_type)
@@ -153,7 +173,7 @@ def main(argv=None) -> int:
 
     med = {name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for name, rs in runs.items()}
     w_dense, w_file = per_token_weights(dense_path), per_token_weights(pruned_path)
-    extra = 0 if args.pruned else marker.get("gguf", {}).get(args.gguf_type, {}).get("duplication", {}).get(
+    extra = marker.get("gguf", {}).get(args.gguf_type, {}).get("duplication", {}).get(
         "extra_params", 0)
     w_model = w_file - extra
     out = {
