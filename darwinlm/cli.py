@@ -5,6 +5,7 @@
     darwinlm schema                           the spec's JSON Schema
     darwinlm plan SPEC.yaml                   the tasks that would run next
     darwinlm database|sensitivity|search|posttrain|export|evaluate SPEC.yaml   run up to and including one phase
+    darwinlm export SPEC.yaml --format gguf --gguf-type q8_0   also (or only) a GGUF file for llama.cpp
     darwinlm provision [model|text|all]       the example model and text into the cache dir
     darwinlm task SPEC.yaml TASK [TASK...]    exactly the named plan task(s) (``run.runner.run_tasks``);
                                               torch.distributed from env (WORLD_SIZE, RANK...) when W > 1
@@ -56,6 +57,10 @@ def _load(args):
     """The spec of ``args.spec`` with ``--store`` and then every ``--set`` applied (validated once)."""
     spec = load_spec(args.spec)
     overrides = ([("store", args.store)] if getattr(args, "store", None) else []) + getattr(args, "overrides", [])
+    if getattr(args, "formats", None):
+        overrides.append(("export.formats", args.formats))
+    if getattr(args, "gguf_type", None):
+        overrides.append(("export.gguf_type", args.gguf_type))
     if overrides:
         spec = with_overrides(spec, **dict(overrides))
     return spec
@@ -139,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_spec("validate", _cmd_validate, "validate a spec")
     with_spec("plan", _cmd_plan, "print the next tasks")
     for phase in ("database", "sensitivity", "search", "posttrain", "export", "evaluate"):
-        with_spec(phase, _cmd_phase, f"run up to and including the {phase} phase", runs=True)
+        sp = with_spec(phase, _cmd_phase, f"run up to and including the {phase} phase", runs=True)
+        if phase == "export":
+            # validated by the spec like export.formats / export.gguf_type, so a bad value names its field
+            sp.add_argument("--format", action="append", dest="formats", metavar="FORMAT",
+                            help="hf or gguf (repeatable): sets export.formats; a finished search writes only "
+                                 "the formats it does not have yet")
+            sp.add_argument("--gguf-type", dest="gguf_type", metavar="TYPE",
+                            help="f16, bf16, f32 or q8_0: sets export.gguf_type")
     sp = with_spec("task", _cmd_task, "run exactly the named plan task(s), e.g. generation-3 (Kubernetes Jobs); "
                                       "one rank of a process group when WORLD_SIZE > 1", runs=True)
     sp.add_argument("tasks", nargs="+", metavar="TASK",

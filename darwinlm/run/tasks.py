@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from darwinlm.core.plan import Task, done_key
+from darwinlm.core.plan import Task, done_key, is_done
 from darwinlm.core.rng import derive_rng
 from darwinlm.llm import database, sensitivity
 from darwinlm.llm.train import posttrain
@@ -33,7 +33,7 @@ def run_task(ws, task: Task, *, progress: Progress = no_progress, shard=None) ->
     ``shard`` (``distributed.DistributedShard``, generation tasks) splits the candidate evaluations over
     the ranks of a process group; only the rank whose ``shard.is_writer`` is true writes the marker."""
     key = done_key(task)
-    if ws.store.exists(key):
+    if is_done(ws.spec, ws.store, task):
         return ws.store.get_json(key)
     t0 = time.time()
     ws.record_spec()

@@ -318,10 +318,27 @@ class PosttrainSpec(SpecNode):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportSpec(SpecNode):
-    """The exported, physically shrunk Hugging Face model."""
+    """The exported, physically shrunk model: a Hugging Face directory and/or a GGUF file for llama.cpp."""
 
     dtype: Dtype = "float32"
-    """Dtype of the exported weights."""
+    """Dtype of the exported Hugging Face weights (the GGUF file has its own `gguf_type`)."""
+    formats: tuple[Literal["hf", "gguf"], ...] = setting(("hf",), min_items=1, max_items=2)
+    """What the export writes: hf = result/model/ (safetensors, loads with stock transformers after
+    `import darwinlm`); gguf = result/gguf/model-<gguf_type>.gguf, llama.cpp's `deci` architecture
+    (per-layer head counts and MLP widths; runs in llama.cpp, Ollama, LM Studio). Adding a format to a
+    finished search writes only the missing one: these fields never count as a changed spec."""
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+    """Tensor type of the GGUF file's matrices (norms stay f32): f16 or bf16 (lossless for the search's
+    result up to rounding), q8_0 (8-bit blocks of 32, about half of f16's size), f32. A matrix whose rows
+    are not a multiple of 32 values is stored f16 in a q8_0 file."""
+    gguf_tokenizer: str | None = None
+    """GGUF file whose tokenizer and chat template the export carries over; null = the GGUF the model
+    was provisioned from (darwinlm provision), else a `*.gguf` in model.path, else the model's
+    tokenizer.json (byte-level BPE). '~' is expanded."""
+
+    def _problems(self) -> sf.Problems:
+        return [(f"formats[{i}]", f"duplicate format {f!r}")
+                for i, f in enumerate(self.formats) if f in self.formats[:i]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -386,7 +403,7 @@ class PruningSearchSpec(SpecNode):
     posttrain: PosttrainSpec = setting(factory=PosttrainSpec)
     """Post-training of the chosen model."""
     export: ExportSpec = setting(factory=ExportSpec)
-    """Export of the result as a Hugging Face model."""
+    """Export of the result: a Hugging Face model directory and/or a GGUF file for llama.cpp."""
     evaluation: EvaluationSpec = setting(factory=EvaluationSpec)
     """Final evaluation."""
 

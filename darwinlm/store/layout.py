@@ -22,6 +22,7 @@ are content-addressed at the store root, so searches share them; everything else
         posttrain/<variant>/checkpoint.{json,safetensors}        resumable post-training
         posttrain/<variant>/done.json
         result/{config.json,config.txt,model/}                   the export (marker: result/export.json)
+        result/gguf/model-<type>.gguf                            the export for llama.cpp (export.formats: gguf)
         result/{report.md,fitness.png,summary.json}              the evaluation (marker: result/summary.json)
 
 Keys are ``/``-separated and relative to the store they are used with (``Store.child`` makes a search's
@@ -126,6 +127,14 @@ def checkpoint_weights(prefix: str) -> str:
 RESULT = "result"
 EXPORT_DONE = f"{RESULT}/export.json"
 MODEL_DIR = f"{RESULT}/model"
+GGUF_DIR = f"{RESULT}/gguf"
+
+
+def gguf_file(gguf_type: str) -> str:
+    """The GGUF export of one tensor type (``export.gguf_type``)."""
+    return f"{GGUF_DIR}/model-{gguf_type}.gguf"
+
+
 CONFIG_JSON = f"{RESULT}/config.json"
 CONFIG_TXT = f"{RESULT}/config.txt"
 SUMMARY = f"{RESULT}/summary.json"
@@ -133,7 +142,22 @@ REPORT = f"{RESULT}/report.md"
 FITNESS_PLOT = f"{RESULT}/fitness.png"
 
 
+OUTPUT_ONLY_FIELDS = {"export": ("formats", "gguf_type", "gguf_tokenizer")}
+"""Fields that choose only which files the export writes, not what the search computes: they may change
+between runs of one search (adding ``gguf`` to a finished search writes just the GGUF file)."""
+
+
+def _comparable(doc: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(doc)
+    for section, keys in OUTPUT_ONLY_FIELDS.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
 def spec_drift(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Top-level fields in which ``current`` (a spec as plain data) differs from the ``spec.json`` a search
-    was started with, sorted. ``store`` may differ: the same search can be reached through another URI."""
+    was started with, sorted. ``store`` may differ: the same search can be reached through another URI; so
+    may the :data:`OUTPUT_ONLY_FIELDS`."""
+    saved, current = _comparable(saved), _comparable(current)
     return sorted(k for k in set(saved) | set(current) if k != "store" and saved.get(k) != current.get(k))

@@ -68,3 +68,41 @@ def test_quick_example_meets_the_bar(quick_run, tmp_path):
     ids = ws.pools.heldout.chunks[0][None, :128]
     with torch.no_grad():
         torch.testing.assert_close(shrunk(input_ids=ids).logits, masked(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,top1,max_abs", [("f16", 0.99, 4.0), ("q8_0", 0.90, 80.0)])
+def test_quick_example_result_runs_in_llamacpp_like_the_hf_export(quick_run, tmp_path, kind, top1, max_abs):
+    """`darwinlm export --format gguf` on the finished search writes only the GGUF file; llama.cpp's logits
+    on the report's held-out chunks agree with the HF export's, and its perplexity with the report's."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from darwinlm.run.report import _heldout_sets
+
+    from ..support import llamacpp
+
+    ws = quick_run
+    before = ws.store.sha256("result/model/model.safetensors")
+    cmd = [sys.executable, "-m", "darwinlm.cli", "export", str(ROOT / "examples" / "smollm2-quick.yaml"),
+           "--store", ws.spec.store, "--format", "gguf", "--gguf-type", kind]
+    subprocess.run(cmd, check=True, timeout=15 * 60)
+    marker = ws.store.get_json("result/export.json")
+    assert "hf" in marker["formats"] and kind in marker["gguf"]
+    assert ws.store.sha256("result/model/model.safetensors") == before  # the HF export is not rewritten
+    ws.store.get_file(f"result/gguf/model-{kind}.gguf", tmp_path / "m.gguf")
+    ws.store.get_dir("result/model", tmp_path / "model")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    chunks = _heldout_sets(ws)["heldout"]
+    want = llamacpp.hf_logits(hf, chunks)
+    llm = llamacpp.llama(tmp_path / "m.gguf", n_ctx=max(len(c) for c in chunks))
+    got = llamacpp.llama_logits(llm, chunks)
+    cmp = llamacpp.agreement(want, got)
+    ppl = llamacpp.perplexity(got, chunks)
+    summary = ws.store.get_json("result/summary.json")
+    reported = next(r["ppl"] for r in summary["rows"] if (r["model"], r["stage"]) == ("searched", "post-trained"))
+    print(json.dumps({"kind": kind, **cmp, "ppl_llamacpp": ppl, "ppl_hf_fp32": llamacpp.perplexity(want, chunks),
+                      "ppl_report": reported, "duplication": marker["gguf"][kind]["duplication"]}))
+    assert cmp["top1"] >= top1, cmp
+    assert cmp["max_abs"] <= max_abs, cmp
+    assert abs(ppl / reported - 1) < 0.01, (ppl, reported)
