@@ -130,6 +130,14 @@ class KubeSpec(SpecNode):
     workers: int = setting(1, ge=1, le=1024)
     """Pods per generation Job: the torch.distributed world size (one rank per pod). Each rank
     evaluates its share of the offspring; the result does not depend on it. Default 1."""
+    generationsPerJob: int = setting(1, ge=0, le=100000)
+    """Generations each generation Job runs in one process group before it exits: 1 = one Job per
+    generation; N = generations g..g+N-1; 0 = every generation up to the end of the search. A warm Job
+    keeps the model, the database and the teacher cache resident, so pod start, model load and cache
+    builds are paid once per Job instead of once per generation (bench/README.md measures it). Each
+    generation still writes its state to the store when it finishes: a Job killed or preempted mid-way
+    loses at most the generation in flight, and the next Job starts from the store. The result does not
+    depend on it. Default 1."""
     resources: ResourceRequirements = setting(factory=ResourceRequirements)
     """Requests and limits of each job pod, e.g. limits: {"nvidia.com/gpu": "1"}."""
     podTemplate: PodTemplateOverrides = setting(factory=PodTemplateOverrides)

@@ -85,8 +85,19 @@ class PruningSearchStatus(SpecNode):
     """Generations the search runs in total (spec.search.generations)."""
     bestFitness: float | None = None
     """Fitness of the current parent (the best genome so far); lower is better."""
+    progress: str | None = None
+    """Percent of the planned generations done, e.g. 45% (0% while the database is built, 100% once the
+    search part is over; `stage` says which phase runs)."""
+    stage: str | None = None
+    """The phase running now: BuildingDatabase, MeasuringSensitivity, Searching, PostTraining,
+    Exporting, Evaluating; Suspended or Finished."""
     eta: str | None = None
-    """Estimated time left until the search completes, e.g. 2h13m (from recent generation times)."""
+    """Estimated time left until the last generation finishes, e.g. 2h13m: the generations left times
+    the median wall-clock interval between generation finishes (Job hand-off included), minus the time
+    the generation in flight has run. Unset outside the search phases."""
+    etaRange: str | None = None
+    """The spread of `eta`, e.g. 1h50m-2h40m: the same estimate from the 25th and 75th percentile of
+    the measured generation intervals."""
     gpuSeconds: float | None = setting(None, ge=0.0)
     """GPU-seconds used so far by the search's Jobs (GPUs per pod x pod run time)."""
     offspringEvaluated: int | None = setting(None, ge=0)

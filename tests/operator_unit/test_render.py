@@ -74,7 +74,8 @@ def test_job_metadata_labels_and_owner():
     assert meta["labels"] == {
         "app.kubernetes.io/managed-by": "darwinlm-operator", "darwinlm.io/search": "tiny",
         "darwinlm.io/search-uid": UID, "darwinlm.io/task": "generation-2", "darwinlm.io/task-kind": "generation",
-        "darwinlm.io/attempt": "1", "darwinlm.io/job": "tiny-generation-2-a1"}
+        "darwinlm.io/attempt": "1", "darwinlm.io/job": "tiny-generation-2-a1",
+        "darwinlm.io/last-generation": "2"}  # generationsPerJob 1: this generation only
     assert meta["ownerReferences"] == [{"apiVersion": "darwinlm.io/v1alpha1", "kind": "PruningSearch",
                                         "name": "tiny", "uid": UID, "controller": True, "blockOwnerDeletion": True}]
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
