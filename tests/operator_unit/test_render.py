@@ -305,3 +305,12 @@ def test_the_jobs_know_the_same_kubernetes_fields_as_the_operator():
     from darwinlm_jobs import _common
 
     assert _common._KUBERNETES_FIELDS == KUBERNETES_FIELDS  # noqa: SLF001
+
+
+def test_the_jobs_and_the_estimate_command_know_every_kubernetes_field():
+    """A new KubeSpec field (e.g. generationsPerJob) must be ignored by the jobs' and `darwinlm estimate`'s
+    library-spec loaders, which cannot import the operator."""
+    from darwinlm.cli import _ESTIMATE_K8S
+    from darwinlm_jobs._common import _KUBERNETES_FIELDS
+
+    assert KUBERNETES_FIELDS <= _KUBERNETES_FIELDS and KUBERNETES_FIELDS <= _ESTIMATE_K8S
