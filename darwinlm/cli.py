@@ -130,8 +130,8 @@ def _cmd_estimate(args) -> int:
     if overrides:
         spec = with_overrides(spec, **dict(overrides))
     per_job = args.generations_per_job
-    if per_job is None and "kind" in raw:
-        per_job = int(kube.get("generationsPerJob", 1))
+    if per_job is None and "kind" in raw:  # unset: the Helm chart's operator default, 0
+        per_job = int(kube["generationsPerJob"]) if kube.get("generationsPerJob") is not None else 0
     workers = args.workers or int(kube.get("workers", 1))
     cal = calibrate(spec) if args.calibrate else None
     est = estimate(spec, accelerator=args.gpu, workers=workers, generations_per_job=per_job,

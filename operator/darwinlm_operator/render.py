@@ -31,7 +31,7 @@ from darwinlm.core.plan import Task, generation_block
 from darwinlm.errors import EXIT_PERMANENT
 from darwinlm.spec import API_VERSION, KIND, spec_to_dict
 
-from .kspec import JobDefaults, job_image
+from .kspec import JobDefaults, generations_per_job, job_image
 
 __all__ = [
     "MANAGED_BY", "LABEL_MANAGED_BY", "LABEL_SEARCH", "LABEL_SEARCH_UID", "LABEL_TASK",
@@ -115,9 +115,9 @@ def job_labels(cr: Mapping[str, Any], task: Task, attempt: int, kspec) -> dict[s
     return labels
 
 
-def generations_of(kspec, spec, task: Task) -> list[int]:
+def generations_of(kspec, spec, task: Task, defaults: JobDefaults | None = None) -> list[int]:
     """The generations a generation task's Job runs (``generationsPerJob`` from ``task.index``)."""
-    return [t.index for t in generation_block(spec, task.index, kspec.generationsPerJob)]
+    return [t.index for t in generation_block(spec, task.index, generations_per_job(kspec, defaults))]
 
 
 def job_generations(job: Mapping[str, Any]) -> range | None:
@@ -243,7 +243,7 @@ def _pod_spec(cr, kspec, spec, task: Task, job: str, defaults: JobDefaults | Non
         "name": "task",
         "image": image,
         "imagePullPolicy": pull_policy,
-        "command": _command(task, kspec.generationsPerJob),
+        "command": _command(task, generations_per_job(kspec, defaults)),
         "env": _env(cr, kspec, spec, task, job),
         "resources": resources,
         "securityContext": ctr_sec,
@@ -288,7 +288,7 @@ def render_job(cr: Mapping[str, Any], kspec, spec, task: Task, attempt: int, *,
     name = job_name(meta["name"], task, attempt)
     labels = job_labels(cr, task, attempt, kspec)
     if task.kind == "generation":
-        labels[LABEL_LAST_GENERATION] = str(generations_of(kspec, spec, task)[-1])
+        labels[LABEL_LAST_GENERATION] = str(generations_of(kspec, spec, task, defaults)[-1])
     workers = pods_per_job(kspec, task)
     pod_labels = {k: v for k, v in labels.items() if k != LABEL_QUEUE}
     if workers > 1:

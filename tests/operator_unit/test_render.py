@@ -314,3 +314,18 @@ def test_the_jobs_and_the_estimate_command_know_every_kubernetes_field():
     from darwinlm_jobs._common import _KUBERNETES_FIELDS
 
     assert KUBERNETES_FIELDS <= _KUBERNETES_FIELDS and KUBERNETES_FIELDS <= _ESTIMATE_K8S
+
+
+def test_generations_per_job_the_spec_wins_over_the_operator_default_then_one():
+    def command(defaults, **over):
+        cr = make_cr(**{"search.generations": 5}, **over)
+        spec, kspec = load_psearch(cr)
+        job = render.render_job(cr, kspec, spec, Task("generation", 1), 0, defaults=defaults)
+        return job["spec"]["template"]["spec"]["containers"][0]["command"][-4:], \
+            job["metadata"]["labels"]["darwinlm.io/last-generation"]
+
+    assert command(JobDefaults()) == (["-m", "darwinlm_jobs.generation", "--index", "1"], "1")
+    assert command(JobDefaults(generations_per_job=0)) == (["--index", "1", "--count", "0"], "4")
+    assert command(JobDefaults(generations_per_job=0), generationsPerJob=1) == (
+        ["-m", "darwinlm_jobs.generation", "--index", "1"], "1")
+    assert command(JobDefaults(), generationsPerJob=2) == (["--index", "1", "--count", "2"], "2")
