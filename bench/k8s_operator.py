@@ -497,6 +497,39 @@ def bench_warm(stack: Stack, args, workdir: Path, assets: Path, per_job: int) ->
     return out
 
 
+_FIXED_SCRIPT = """
+import json, sys, time
+t0 = time.time()
+from darwinlm.run.workspace import Workspace
+from darwinlm.spec import load_spec
+t1 = time.time()
+ws = Workspace(load_spec(sys.argv[1], extra_allowed=frozenset(sys.argv[2:])))
+ws.model
+ws.pools
+t2 = time.time()
+print(json.dumps({"imports": t1 - t0, **ws.timings, "total_in_process": t2 - t0}))
+"""
+
+
+def fixed_cost(spec_path: str, repeat: int = 2) -> dict:
+    """What a fresh generation Job of ``spec_path`` pays before its first generation, measured in fresh
+    processes: interpreter start, imports (torch, transformers), model load and token pools (``Workspace``;
+    the layer database is opened lazily and costs little). Median of ``repeat`` runs."""
+    import subprocess
+
+    runs = []
+    for _ in range(repeat):
+        t = time.time()
+        out = subprocess.run([sys.executable, "-c", _FIXED_SCRIPT, spec_path, "image", "workers", "resources",
+                              "podTemplate", "s3", "generationsPerJob", "imagePullPolicy", "queueName"],
+                             capture_output=True, text=True, check=True, cwd=REPO,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        rec["process_wall"] = time.time() - t
+        runs.append(rec)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+
+
 def warm_table(rows: list[dict]) -> str:
     lines = ["", "warm generation Jobs (real pods, tiny model): seconds per generation, finish to finish",
              "", "| generationsPerJob | generations | median s/gen | median compute s | overhead s/gen | Jobs "
@@ -645,7 +678,12 @@ def main(argv=None) -> int:
     p.add_argument("--generations-per-job", type=int, nargs="+", default=None, metavar="N",
                    help="with --real: one real search per N (generationsPerJob; 0 = one Job for the whole search), "
                         "seconds per generation including the Job hand-off, instead of the handoff bench")
+    p.add_argument("--fixed-cost", metavar="SPEC", help="only measure a Job's fixed cost for SPEC (fresh processes: "
+                                                         "start, imports, model load, pools) and print it")
     args = p.parse_args(argv)
+    if args.fixed_cost:
+        print(json.dumps(fixed_cost(args.fixed_cost), indent=1))
+        return 0
 
     # not under /tmp: the pod runner maps a pod's /tmp to its own directory
     workdir = Path(tempfile.mkdtemp(prefix="darwinlm-bench-operator-", dir="/var/tmp"))

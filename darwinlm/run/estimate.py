@@ -41,6 +41,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from darwinlm.core.plan import all_tasks, done_key
+from darwinlm.core.schedule import schedule
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.database import layer_ladders
 from darwinlm.spec import with_overrides
@@ -113,34 +114,6 @@ def candidate_params(spec, facts: dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------- the schedule
-
-def schedule(spec) -> dict[str, Any]:
-    """Per-generation token counts, exact from the selection schedule (what ``state.json`` records)."""
-    sp = spec.search
-    pools, n = [], sp.offspring
-    for i, st in enumerate(sp.selection):
-        size = n + (1 if i == len(sp.selection) - 1 else 0)  # the parent joins the last stage
-        pools.append(size)
-        n = min(st.survivors, n)
-    stages = []
-    trained = 0
-    for i, (st, size) in enumerate(zip(sp.selection, pools)):
-        if sp.finetune.warm_start and i > 0:  # survivors continue from the previous stage's prefix
-            prev = sp.selection[i - 1].finetune_tokens
-            cont = size - (1 if i == len(pools) - 1 else 0)
-            t = cont * max(0, st.finetune_tokens - prev) + (size - cont) * st.finetune_tokens
-        else:
-            t = size * st.finetune_tokens
-        trained += t
-        stages.append({"pool": size, "fitness_tokens": size * st.fitness_tokens,
-                       "finetune_tokens": size * st.finetune_tokens, "trained_tokens": t})
-    per = {"evaluations": sum(pools), "fitness_tokens": sum(s["fitness_tokens"] for s in stages),
-           "finetune_tokens": sum(s["finetune_tokens"] for s in stages), "trained_tokens": trained,
-           "teacher_tokens": sum(st.fitness_tokens for st in sp.selection), "tracking_tokens": sp.tracking_tokens}
-    G = sp.generations
-    return {"generations": G, "stages": stages, "per_generation": per,
-            "total": {k: v * G for k, v in per.items()}}
-
 
 # ----------------------------------------------------------------------------------------- the estimate
 

@@ -60,7 +60,7 @@ __all__ = ["Decision", "Event", "StoreView", "decide", "as_manifest", "job_outco
 
 # the status fields the operator owns (declared in the CRD's status schema, kstatus.PruningSearchStatus)
 _OWNED = ("phase", "conditions", "observedGeneration", "generation", "generationsDone", "generationsTotal",
-          "bestFitness", "progress", "stage", "eta", "etaRange", "gpuSeconds", "offspringEvaluated", "offspringFailed", "checkpointURI",
+          "bestFitness", "progress", "stage", "eta", "etaRange", "estimate", "gpuSeconds", "offspringEvaluated", "offspringFailed", "checkpointURI",
           "resultURI", "startTime", "completionTime", "retries", "message", "attempts")
 
 

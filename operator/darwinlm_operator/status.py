@@ -17,6 +17,7 @@ from typing import Any
 
 from darwinlm.core.eta import estimate_eta, finish_times, format_duration, progress_percent
 from darwinlm.core.plan import Task, all_tasks, done_key, generations_planned
+from darwinlm.core.schedule import schedule
 from darwinlm.store import layout
 
 from . import conditions as C
@@ -158,6 +159,12 @@ def _progress(ctx: Context, tasks: list[Task]) -> None:
     last = states[-1] if states else {}
     st["bestFitness"] = _finite((last.get("tracking") or {}).get("fitness", last.get("best_fitness")))
     searching = bool(tasks) and tasks[0].kind in ("database", "sensitivity", "generation")
+    sched = schedule(spec)
+    per, tot = sched["per_generation"], sched["total"]
+    st["estimate"] = {"evaluationsPerGeneration": per["evaluations"], "fitnessTokensPerGeneration":
+                      per["fitness_tokens"], "finetuneTokensPerGeneration": per["finetune_tokens"],
+                      "trainedTokensPerGeneration": per["trained_tokens"], "fitnessTokensTotal": tot["fitness_tokens"],
+                      "trainedTokensTotal": tot["trained_tokens"]}
     st["progress"] = f"{progress_percent(done_g, total_g, after_search=not searching)}%"
     st["stage"] = _STAGE_REASONS[tasks[0].kind] if tasks else C.FINISHED
     _eta(ctx, states, total_g - done_g if searching else 0)

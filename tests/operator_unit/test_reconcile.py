@@ -120,6 +120,11 @@ def test_progress_fields_from_the_store():
     st = d.status
     assert st["generation"] == "2/3" and st["generationsDone"] == 2
     assert st["progress"] == "66%" and st["stage"] == C.SEARCHING
+    # the tiny spec: 4 offspring -> stage 0 pool 4, stage 1 pool 2 + the parent; 128 / 256 fitness tokens
+    assert st["estimate"] == {"evaluationsPerGeneration": 7, "fitnessTokensPerGeneration": 4 * 128 + 3 * 256,
+                              "finetuneTokensPerGeneration": 4 * 64 + 3 * 128,
+                              "trainedTokensPerGeneration": 4 * 64 + 3 * 128,
+                              "fitnessTokensTotal": 3 * (4 * 128 + 3 * 256), "trainedTokensTotal": 3 * (4 * 64 + 3 * 128)}
     assert st["bestFitness"] == 0.7
     # no timing.json (a store of an older version): generation 0's compute seconds stand in
     assert st["eta"] == format_duration(100) == "1m40s"
