@@ -5,10 +5,11 @@ the same numbers, so they are computed once, here, from the store alone (no torc
 ``now`` is an argument). Each finished generation writes ``generations/<g>/timing.json`` with the wall-clock
 time it finished (``layout.generation_timing``). The time a generation really costs is the interval between
 two consecutive finishes: it includes the Job hand-off (pod start, imports, model load, cache builds) when
-each generation runs in its own Job (``generationsPerJob: 1``), and not when a warm Job runs several. The
-ETA multiplies the generations left by the median interval (robust to one slow hand-off or a straggler),
-minus the time the generation in flight has already run; its spread uses the fastest and slowest quarter
-of the intervals (the 25th and 75th percentiles).
+each generation runs in its own Job (``generationsPerJob: 1``), once per N generations with
+``generationsPerJob: N``, and not at all when one warm Job runs them all. The ETA multiplies the
+generations left by the MEAN interval (a median would drop the hand-off of every N-th generation), minus
+the time the generation in flight has already run; its spread uses the 25th and 75th percentiles of the
+intervals (widened to include the mean).
 
 Progress is the fraction of planned generations done (``generationsDone / generationsTotal``); the database
 and sensitivity phases count as 0 %, and the phases after the search as 100 % (the stage says which).
@@ -26,9 +27,9 @@ __all__ = ["Eta", "finish_times", "estimate_eta", "progress_percent", "format_du
 
 @dataclass(frozen=True)
 class Eta:
-    """Seconds left until the last generation finishes: ``seconds`` (median-based) within
-    [``low``, ``high``] (25th..75th percentile of the generation intervals); ``per_generation``: the
-    median interval; ``samples``: how many intervals it rests on."""
+    """Seconds left until the last generation finishes: ``seconds`` (from the mean interval) within
+    [``low``, ``high``] (25th..75th percentile of the generation intervals, widened to include the mean);
+    ``per_generation``: the mean interval; ``samples``: how many intervals it rests on."""
 
     seconds: float
     low: float
@@ -70,7 +71,8 @@ def estimate_eta(finished: list[float], remaining: int, now: float, *,
         steps = [float(first_seconds)]
     if not steps:
         return None
-    med, lo, hi = statistics.median(steps), _quantile(steps, 0.25), _quantile(steps, 0.75)
+    med = statistics.fmean(steps)
+    lo, hi = min(med, _quantile(steps, 0.25)), max(med, _quantile(steps, 0.75))
     running = max(0.0, now - finished[-1]) if finished else 0.0
 
     def left(per: float) -> float:

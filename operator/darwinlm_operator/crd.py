@@ -292,7 +292,7 @@ def generate_crd() -> dict[str, Any]:
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
          "description": "Percent of the planned generations done."},
         {"name": "ETA", "type": "string", "jsonPath": ".status.eta",
-         "description": "Estimated time left until the last generation finishes (median of measured "
+         "description": "Estimated time left until the last generation finishes (mean of measured "
                         "generation intervals, Job hand-off included)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

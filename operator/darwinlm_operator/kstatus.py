@@ -112,7 +112,7 @@ class PruningSearchStatus(SpecNode):
     Exporting, Evaluating; Suspended or Finished."""
     eta: str | None = None
     """Estimated time left until the last generation finishes, e.g. 2h13m: the generations left times
-    the median wall-clock interval between generation finishes (Job hand-off included), minus the time
+    the mean wall-clock interval between generation finishes (Job hand-off included), minus the time
     the generation in flight has run. Unset outside the search phases."""
     etaRange: str | None = None
     """The spread of `eta`, e.g. 1h50m-2h40m: the same estimate from the 25th and 75th percentile of

@@ -185,7 +185,7 @@ def _progress(ctx: Context, tasks: list[Task]) -> None:
 
 
 def _eta(ctx: Context, states: list, remaining: int) -> None:
-    """``eta`` (median-based) and ``etaRange`` (25th..75th percentile) until the last generation finishes,
+    """``eta`` (mean-based) and ``etaRange`` (25th..75th percentile) until the last generation finishes,
     from the measured wall-clock intervals between generation finishes (Job hand-off included), see
     ``darwinlm.core.eta``; None outside the search phases or before any generation finished."""
     st = ctx.status

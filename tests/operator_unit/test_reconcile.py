@@ -532,7 +532,7 @@ def test_a_job_still_finishing_after_success_is_left_alone():
 
 # ------------------------------------------------------------------------------ progress, ETA, best parents
 
-def test_eta_is_the_median_measured_interval_hand_off_included_minus_the_generation_in_flight():
+def test_eta_is_the_mean_measured_interval_hand_off_included_minus_the_generation_in_flight():
     cr = make_cr(**{"search.generations": 6})
     # compute seconds 100 each, but finishes 150 s apart (50 s of Job hand-off), one slow hand-off (400 s)
     store = FakeStore().done(DB)
@@ -541,13 +541,14 @@ def test_eta_is_the_median_measured_interval_hand_off_included_minus_the_generat
     d = _run(cr, [_job(cr, Task("generation", 4), 0, None, start=1700)], store=store, t=1760)
     st = d.status
     assert st["generation"] == "4/6" and st["progress"] == "66%" and st["stage"] == C.SEARCHING
-    # intervals 150, 150, 400: median 150; 2 generations left; the one in flight has run 60 s
-    assert st["eta"] == format_duration(2 * 150 - 60) == "4m0s"
+    # intervals 150, 150, 400: mean 233.3 (the slow hand-off counts); 2 generations left; the one in flight
+    # has run 60 s
+    assert st["eta"] == format_duration(2 * 700 / 3 - 60) == "6m47s"
     assert st["etaRange"] == f"{format_duration(2 * 150 - 60)}-{format_duration(2 * 275 - 60)}"
-    assert d.metrics["etaSeconds"] == 240
-    # past the median, never below the generations after the one in flight
-    st = _run(cr, [_job(cr, Task("generation", 4), 0, None, start=1700)], store=store, t=2000).status
-    assert st["eta"] == format_duration(150)
+    assert d.metrics["etaSeconds"] == pytest.approx(2 * 700 / 3 - 60)
+    # past the mean, never below the generations after the one in flight
+    st = _run(cr, [_job(cr, Task("generation", 4), 0, None, start=1700)], store=store, t=2300).status
+    assert st["eta"] == format_duration(700 / 3)
 
 
 def test_an_event_for_each_new_best_parent_and_progress_after_the_search():
