@@ -15,7 +15,7 @@ darwinlm_search_generation                  gauge      namespace, name (generati
 darwinlm_search_generations_total_planned   gauge      namespace, name (spec.search.generations)
 darwinlm_search_best_fitness                gauge      namespace, name
 darwinlm_search_progress_ratio              gauge      namespace, name (status.progress / 100)
-darwinlm_search_eta_seconds                 gauge      namespace, name (status.eta; only while it is set)
+darwinlm_search_eta_seconds                 gauge      namespace, name (status.eta while set; 0 once Succeeded)
 darwinlm_search_seconds_since_progress      gauge      namespace, name (only while Running)
 darwinlm_offspring_evaluated_total          counter    namespace, name
 darwinlm_generation_attempts_total          counter    namespace, name (finished generation Jobs)
@@ -183,7 +183,8 @@ class Metrics:
             s.generations = int(status.get("generationsTotal") or 0)
             s.best = status.get("bestFitness")
             s.percent = float(str(status.get("progress") or "0%").rstrip("%") or 0)
-            s.eta_seconds = extra.get("etaSeconds") if status.get("eta") else None
+            s.eta_seconds = extra.get("etaSeconds") if status.get("eta") else (
+                0.0 if s.phase == "Succeeded" else None)  # nothing left; unknown otherwise (no series)
             s.evaluated = max(s.evaluated, int(status.get("offspringEvaluated") or 0))
             s.attempts = max(s.attempts, attempts)
             s.failed = {r: max(n, s.failed.get(r, 0)) for r, n in {**s.failed, **failed}.items()}
