@@ -133,9 +133,14 @@ def _cmd_estimate(args) -> int:
     if per_job is None and "kind" in raw:  # unset: the Helm chart's operator default, 0
         per_job = int(kube["generationsPerJob"]) if kube.get("generationsPerJob") is not None else 0
     workers = args.workers or int(kube.get("workers", 1))
-    cal = calibrate(spec) if args.calibrate else None
-    est = estimate(spec, accelerator=args.gpu, workers=workers, generations_per_job=per_job,
-                   flops_per_second=args.flops_per_second, memory_gib=args.memory_gib, calibration=cal)
+    try:
+        cal = calibrate(spec) if args.calibrate else None
+        est = estimate(spec, accelerator=args.gpu, workers=workers, generations_per_job=per_job,
+                       flops_per_second=args.flops_per_second, memory_gib=args.memory_gib, calibration=cal)
+    except OSError as e:  # the model's config.json is not readable here (e.g. a path inside the pods)
+        print(f"error: model.path {spec.model.path!r}: cannot read the model's config here ({e}); point "
+              f"--set model.path=DIR at a local copy (only config.json is read without --calibrate)", file=sys.stderr)
+        return EXIT_PERMANENT
     print(json.dumps(est, indent=1, default=str) if args.json else format_estimate(est))
     return EXIT_OK
 

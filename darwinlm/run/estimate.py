@@ -76,6 +76,13 @@ ACCELERATORS: dict[str, Accelerator] = {
 }
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+JOB_START_SECONDS = 15.0
+"""A fresh process's start and imports (torch, transformers), without --calibrate: measured 14-16 s per
+generation Job on the loaded 2-core CI machine (bench/README.md, warm generation Jobs)."""
+MODEL_READ_BYTES_PER_SECOND = 200e6
+"""Model weights read per second when a process loads the model, without --calibrate: ~180 MB/s was
+measured for S3 GETs against the moto emulator here (TEST_INFRA.md §2a); a local page-cached read is faster
+(SmolLM2's 0.54 GB loaded in 2.2 s), parallel multipart S3 reads on a cloud node faster still."""
 CALIBRATION_POSTTRAIN_CHUNKS = 16
 """``--calibrate`` post-trains at most this many batches (then scales by the spec's tokens)."""
 
@@ -190,7 +197,8 @@ def estimate(spec, *, accelerator: str = "cpu", workers: int = 1, generations_pe
     wall = {k: v / thr for k, v in flops.items() if k not in ("search", "generation")}
     teacher = 2 * facts["params"] * sched["per_generation"]["teacher_tokens"] * workers
     gen_wall = (flops["generation"] - teacher) / thr / workers + teacher / workers / thr
-    fixed = 0.0
+    # what every process pays before its first task: start, imports, reading the model
+    fixed = JOB_START_SECONDS + facts["params"] * _BYTES.get(spec.model.dtype, 4) / MODEL_READ_BYTES_PER_SECOND
     if calibration:  # measured on this machine: fixed costs, every phase, one generation
         gen_wall = calibration["generation_seconds"]
         fixed = calibration["fixed_seconds"]
@@ -199,9 +207,9 @@ def estimate(spec, *, accelerator: str = "cpu", workers: int = 1, generations_pe
                 wall[kind] = secs
     if generations_per_job is None:  # embedded (`darwinlm run`): one process pays the fixed cost once
         wall["search"] = gen_wall * G
-        wall["fixed"] = fixed + (calibration or {}).get("imports_seconds", 0.0)
+        wall["fixed"] = fixed + (calibration["imports_seconds"] if calibration else 0.0)
     else:  # Kubernetes: every Job pays process start, imports, model load and pools
-        fixed += (calibration or {}).get("imports_seconds", 0.0)
+        fixed += calibration["imports_seconds"] if calibration else 0.0
         jobs = 1 if G == 0 or generations_per_job == 0 else -(-G // generations_per_job)
         wall["search"] = gen_wall * G + fixed * jobs
         wall["fixed (other Jobs)"] = fixed * (3 + bool(spec.posttrain.enabled))  # database, export, evaluate...
