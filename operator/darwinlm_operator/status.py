@@ -3,7 +3,9 @@
 Why this module exists: every rule of ``decide`` ends in a status change - Invalid or valid, terminal
 (then ttlSecondsAfterFinished), Failed (DeadlineExceeded, a task failing), Suspended or resumed,
 Succeeded, or Running with the stage as reason - and every call on a valid, live search refreshes the
-progress fields from the store (generation i/N, best fitness, ETA, offspring, checkpoint). These
+progress fields from the store (generation i/N, progress %, stage, best fitness, ETA and its range from
+the generations' timing.json via ``darwinlm.core.eta``, the token estimate via ``darwinlm.core.schedule``,
+offspring, checkpoint) and posts GenerationComplete / NewBestParent events. These
 writers work on the per-call context (``decision.Context``): they set metav1 conditions through
 ``conditions`` and post Events; a transition that stops the search deletes its active Jobs, recording
 them in the retry ledger. :func:`status_patch` turns the decided status into the JSON merge patch the
