@@ -41,6 +41,14 @@ default 2; ``--interval``), DARWINLM_METRICS_PORT (a free port is given) and DAR
 
     .venv/bin/python bench/k8s_operator.py                      # fake Jobs, 12 generations + 100 searches: ~1-2 min
     .venv/bin/python bench/k8s_operator.py --real --generations 10 --skip-memory --json
+    .venv/bin/python bench/k8s_operator.py --real --generations 8 --generations-per-job 1 4 0 --skip-memory
+
+* **warm** (``--real --generations-per-job N ...``): one real search per N (``generationsPerJob``), the
+  seconds per generation from the store's ``generations/<g>/timing.json`` (finish-to-finish: with N = 1 the
+  Job hand-off is inside every interval), the generation's own compute, their difference (the overhead per
+  generation), the fixed cost of each Job that starts mid-search broken down (pod start + imports + the
+  operator's reaction, model load, pools, database open, the rest until the generation starts) and the
+  status ETA when half the generations were done against the time that was actually left.
 """
 
 from __future__ import annotations
@@ -414,6 +422,134 @@ def bench_handoff(stack: Stack, args, workdir: Path) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------- warm Jobs
+
+def _seconds(text: str | None) -> float | None:
+    """``"1h2m"``, ``"3m20s"``, ``"45s"`` (status.eta) -> seconds."""
+    import re
+
+    if not text:
+        return None
+    parts = dict((u, int(n)) for n, u in re.findall(r"(\d+)([hms])", text))
+    return 3600.0 * parts.get("h", 0) + 60.0 * parts.get("m", 0) + parts.get("s", 0)
+
+
+def bench_warm(stack: Stack, args, workdir: Path, assets: Path, per_job: int) -> dict:
+    """One real search (pod runner, tiny model) with ``generationsPerJob: per_job``: wall-clock per generation
+    from the store's ``timing.json`` (finish-to-finish intervals, Job hand-off included), the generation's own
+    compute seconds, the fixed cost of each Job that started a generation, and the status ETA at 50 %."""
+    from tests.support.pod_runner import PodRunner
+
+    ns = stack.namespace(f"bench-warm-{per_job}")
+    store_root = workdir / f"store-{per_job}"
+    spec = _spec(assets, f"file://{store_root}", args.generations, generationsPerJob=per_job)
+    op = stack.operator(ns, spec)
+    runner = PodRunner(stack.emulator.kubeconfig, namespace=ns, log_dir=workdir / f"pods-{per_job}").start()
+    name = "warm"
+    half = {}
+    try:
+        t0 = time.time()
+        stack.create_search(ns, name, spec)
+
+        def phase():
+            st = (stack.k8s.custom_object(G, V, P, name, ns) or {}).get("status") or {}
+            if not half and int(st.get("generationsDone") or 0) >= args.generations // 2 and st.get("eta"):
+                half.update(t=time.time(), eta=st["eta"], eta_range=st.get("etaRange"), progress=st.get("progress"),
+                            stage=st.get("stage"))
+            return st.get("phase") if st.get("phase") in ("Succeeded", "Failed") else None
+        try:
+            final = wait_for(phase, args.timeout, "the search to finish", interval=0.2)
+        except TimeoutError:
+            final = "Timeout"
+        wall = time.time() - t0
+    finally:
+        runner.stop()
+        op.stop()
+    ps = stack.k8s.custom_object(G, V, P, name, ns) or {}
+    prefix = store_root / "searches" / f"{name}-{ps['metadata']['uid']}" / "generations"
+    timings = [json.loads((prefix / f"{g:05d}" / "timing.json").read_text()) for g in range(args.generations)
+               if (prefix / f"{g:05d}" / "timing.json").exists()]
+    fin = [t["finished"] for t in timings]
+    intervals = [b - a for a, b in zip(fin, fin[1:])]
+    # a Job's first generation: its process started after the previous generation finished; its model and
+    # pools load inside the generation (lazily), so they are taken out of its compute
+    first = [g > 0 and t["process_started"] > timings[g - 1]["finished"] for g, t in enumerate(timings)]
+    loads = [sum(t["process"].values()) if f else 0.0 for t, f in zip(timings, first)]
+    compute = [t["finished"] - t["started"] - ld for t, ld in zip(timings, loads)]
+    firsts = [(timings[g - 1], t) for g, t in enumerate(timings) if first[g]]
+    fixed = {"pod start + imports + operator reaction": [t["process_started"] - p["finished"] for p, t in firsts],
+             "model load": [t["process"].get("model_load", 0.0) for _, t in firsts],
+             "pools": [t["process"].get("pools", 0.0) for _, t in firsts],
+             "database open": [t["process"].get("database_open", 0.0) for _, t in firsts]}
+    out = {"generations_per_job": per_job, "final_phase": final, "wall_seconds": wall,
+           "search_seconds": fin[-1] - timings[0]["started"] if fin else None,
+           "interval": _stats(intervals), "compute": _stats(compute[1:]),
+           # paired: each interval minus the compute of the generation that ended it (the machine's load
+           # moves both alike); the mean is the hand-off cost spread over every generation
+           "overhead_per_generation": statistics.fmean(i - c for i, c in zip(intervals, compute[1:]))
+           if intervals else None,
+           "jobs_started_mid_search": len(firsts),
+           "fixed_cost_per_job": {k: _stats(v) for k, v in fixed.items()},
+           "errors": runner.errors[-3:]}
+    if half and fin:
+        actual = fin[-1] - half["t"]
+        est = _seconds(half["eta"])
+        out["eta_at_half"] = {**half, "eta_seconds": est, "actual_seconds": actual,
+                              "ratio": est / actual if est is not None and actual > 0 else None}
+        out["eta_at_half"].pop("t")
+    return out
+
+
+_FIXED_SCRIPT = """
+import json, sys, time
+t0 = time.time()
+from darwinlm.run.workspace import Workspace
+from darwinlm.spec import load_spec
+t1 = time.time()
+ws = Workspace(load_spec(sys.argv[1], extra_allowed=frozenset(sys.argv[2:])))
+ws.model
+ws.pools
+t2 = time.time()
+print(json.dumps({"imports": t1 - t0, **ws.timings, "total_in_process": t2 - t0}))
+"""
+
+
+def fixed_cost(spec_path: str, repeat: int = 2) -> dict:
+    """What a fresh generation Job of ``spec_path`` pays before its first generation, measured in fresh
+    processes: interpreter start, imports (torch, transformers), model load and token pools (``Workspace``;
+    the layer database is opened lazily and costs little). Median of ``repeat`` runs."""
+    import subprocess
+
+    runs = []
+    for _ in range(repeat):
+        t = time.time()
+        out = subprocess.run([sys.executable, "-c", _FIXED_SCRIPT, spec_path, "image", "workers", "resources",
+                              "podTemplate", "s3", "generationsPerJob", "imagePullPolicy", "queueName"],
+                             capture_output=True, text=True, check=True, cwd=REPO,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        rec["process_wall"] = time.time() - t
+        runs.append(rec)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+
+
+def warm_table(rows: list[dict]) -> str:
+    lines = ["", "warm generation Jobs (real pods, tiny model): seconds per generation, finish to finish",
+             "", "| generationsPerJob | generations | median s/gen | median compute s | overhead s/gen (mean, paired) "
+             "| Jobs started mid-search | search s | ETA at 50% (actual, ratio) |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        e = r.get("eta_at_half") or {}
+        eta = f"{e.get('eta')} ({e.get('actual_seconds', 0):.0f}s, x{e.get('ratio') or 0:.2f})" if e else "-"
+        lines.append(f"| {r['generations_per_job']} | {r['interval']['n'] + 1} | {r['interval']['median']:.2f} | "
+                     f"{r['compute']['median']:.2f} | {r['overhead_per_generation']:.2f} | "
+                     f"{r['jobs_started_mid_search']} | {r['search_seconds']:.1f} | {eta} |")
+    for r in rows:
+        if r["jobs_started_mid_search"]:
+            lines += ["", f"fixed cost of a generation Job (generationsPerJob {r['generations_per_job']}, median s):"]
+            lines += [f"- {k}: {v['median']:.2f}" for k, v in r["fixed_cost_per_job"].items() if v["n"]]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 def bench_memory(stack: Stack, args, workdir: Path) -> dict:
@@ -542,14 +678,27 @@ def main(argv=None) -> int:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, store)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--generations-per-job", type=int, nargs="+", default=None, metavar="N",
+                   help="with --real: one real search per N (generationsPerJob; 0 = one Job for the whole search), "
+                        "seconds per generation including the Job hand-off, instead of the handoff bench")
+    p.add_argument("--fixed-cost", metavar="SPEC", help="only measure a Job's fixed cost for SPEC (fresh processes: "
+                                                         "start, imports, model load, pools) and print it")
     args = p.parse_args(argv)
+    if args.fixed_cost:
+        print(json.dumps(fixed_cost(args.fixed_cost), indent=1))
+        return 0
 
     # not under /tmp: the pod runner maps a pod's /tmp to its own directory
     workdir = Path(tempfile.mkdtemp(prefix="darwinlm-bench-operator-", dir="/var/tmp"))
     res: dict = {"interval": args.interval, "workdir": str(workdir) if args.keep else None}
     stack = Stack(workdir, args.interval)
     try:
-        if not args.skip_handoff:
+        if args.generations_per_job is not None:
+            from tests.conftest import make_tiny_assets
+
+            assets = make_tiny_assets(workdir / "tiny")
+            res["warm"] = [bench_warm(stack, args, workdir, assets, n) for n in args.generations_per_job]
+        elif not args.skip_handoff:
             res["handoff"] = bench_handoff(stack, args, workdir)
         if not args.skip_memory:
             res["memory"] = bench_memory(stack, args, workdir)
@@ -561,7 +710,7 @@ def main(argv=None) -> int:
     for part in ("handoff", "memory"):
         if part in res and not args.keep:
             res[part].pop("operator_log", None)
-    print(json.dumps(res, indent=1) if args.json else table(res))
+    print(json.dumps(res, indent=1) if args.json else table(res) + (warm_table(res["warm"]) if res.get("warm") else ""))
     return 0
 
 

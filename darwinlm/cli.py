@@ -7,6 +7,7 @@
     darwinlm database|sensitivity|search|posttrain|export|evaluate SPEC.yaml   run up to and including one phase
     darwinlm export SPEC.yaml --format gguf --gguf-type q8_0   also (or only) a GGUF file for llama.cpp
     darwinlm provision [model|text|all]       the example model and text into the cache dir
+    darwinlm estimate SPEC.yaml [--gpu h100|a100|l40s|cpu] [--calibrate]   tokens, FLOPs, bytes, memory, hours
     darwinlm task SPEC.yaml TASK [TASK...]    exactly the named plan task(s) (``run.runner.run_tasks``);
                                               torch.distributed from env (WORLD_SIZE, RANK...) when W > 1
 
@@ -37,7 +38,7 @@ from .errors import InfeasibleTargetError, PeerFailure, PlanError, SpecError, St
 from .run.runner import run_phase, run_search, run_tasks
 from .spec import json_schema, load_spec, with_overrides
 from .spec.docs import spec_reference_markdown
-from .spec.io import parse_override
+from .spec.io import parse_override, read_document
 from .store import layout, open_store
 
 def _tqdm_progress(desc: str, total: int):
@@ -117,6 +118,38 @@ def _cmd_task(args) -> int:
     return EXIT_OK
 
 
+# the Kubernetes fields `estimate` reads from a PruningSearch manifest (the others are ignored there)
+_ESTIMATE_K8S = frozenset({"workers", "generationsPerJob", "resources", "image", "imagePullPolicy", "podTemplate",
+                           "s3", "suspend", "activeDeadlineSeconds", "backoffLimit", "podStartTimeoutSeconds",
+                           "ttlSecondsAfterFinished", "artifactRetention", "queueName"})
+
+
+def _cmd_estimate(args) -> int:
+    """Tokens, FLOPs, store bytes, memory per worker and wall-clock / GPU-hours of a spec (``run.estimate``)."""
+    from .run.estimate import calibrate, estimate, format_estimate
+
+    raw = read_document(args.spec)
+    kube = (raw.get("spec") if isinstance(raw, dict) and "kind" in raw else raw) or {}
+    spec = load_spec(raw, extra_allowed=_ESTIMATE_K8S)
+    overrides = ([("store", args.store)] if args.store else []) + args.overrides
+    if overrides:
+        spec = with_overrides(spec, **dict(overrides))
+    per_job = args.generations_per_job
+    if per_job is None and "kind" in raw:  # unset: the Helm chart's operator default, 0
+        per_job = int(kube["generationsPerJob"]) if kube.get("generationsPerJob") is not None else 0
+    workers = args.workers or int(kube.get("workers", 1))
+    try:
+        cal = calibrate(spec) if args.calibrate else None
+        est = estimate(spec, accelerator=args.gpu, workers=workers, generations_per_job=per_job,
+                       flops_per_second=args.flops_per_second, memory_gib=args.memory_gib, calibration=cal)
+    except OSError as e:  # the model's config.json is not readable here (e.g. a path inside the pods)
+        print(f"error: model.path {spec.model.path!r}: cannot read the model's config here ({e}); point "
+              f"--set model.path=DIR at a local copy (only config.json is read without --calibrate)", file=sys.stderr)
+        return EXIT_PERMANENT
+    print(json.dumps(est, indent=1, default=str) if args.json else format_estimate(est))
+    return EXIT_OK
+
+
 def _cmd_provision(args) -> int:
     argv = [args.what] + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     argv += ["--debian-docs"] if args.debian_docs else []
@@ -159,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "generation-G, "
                          "posttrain-VARIANT, export, evaluate; several run in order in one process")
     sp.add_argument("--uid", help="search uid: the store prefix becomes searches/<name>-<uid> (Kubernetes)")
+    sp = sub.add_parser("estimate", help="tokens, FLOPs, store bytes, memory and wall-clock / GPU-hours of a spec")
+    sp.add_argument("spec", help="spec YAML/JSON (a bare spec or a PruningSearch manifest)")
+    sp.add_argument("--store", help="override the spec's store URI")
+    sp.add_argument("--set", action="append", default=[], type=_override, dest="overrides", metavar="KEY=VALUE")
+    sp.add_argument("--gpu", default="cpu", choices=["h100", "a100", "l40s", "cpu"],
+                    help="accelerator of each worker (throughput table in darwinlm/run/estimate.py)")
+    sp.add_argument("--flops-per-second", type=float, help="override the accelerator's effective FLOP/s")
+    sp.add_argument("--memory-gib", type=float, help="override the accelerator's memory (the warning's limit)")
+    sp.add_argument("--workers", type=int, help="workers per generation (default: the manifest's, else 1)")
+    sp.add_argument("--generations-per-job", type=int,
+                    help="Kubernetes: generations per Job (each Job pays the fixed costs); default: the "
+                         "manifest's, else embedded (one process)")
+    sp.add_argument("--calibrate", action="store_true",
+                    help="run the database and one generation here (scratch store) and scale by what they took")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    sp.set_defaults(fn=_cmd_estimate, runs=True)
     sp = sub.add_parser("schema", help="print the spec JSON Schema")
     sp.add_argument("--openapi", action="store_true", help="the Kubernetes structural-schema variant")
     sp.add_argument("--markdown", action="store_true", help="the spec reference table (as in the README)")

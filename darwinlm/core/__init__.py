@@ -19,7 +19,8 @@ Modules:
   ``removed_fraction``);
 * ``mutation.py``: level-switch mutation; ``selection.py``: staged selection with elitism;
 * ``rng.py``: generators derived from (seed, purpose, generation, stage, ...);
-* ``plan.py``: ``next_tasks(spec, store)``, the pure plan the runner and the operator both follow.
+* ``plan.py``: ``next_tasks(spec, store)``, the pure plan the runner and the operator both follow;
+* ``eta.py``: progress and ETA from the generations' finish times; ``schedule.py``: the token schedule.
 
 Nothing is re-exported here, so importing ``darwinlm.core.plan`` (the operator does) loads no numpy
 module it does not need. import-linter forbids torch in this package.

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from darwinlm.store import layout
 
-__all__ = ["Task", "done_key", "is_done", "export_covers", "next_tasks", "all_tasks", "progress", "stopped_after", "generations_planned",
-           "STOP_KEY"]
+__all__ = ["Task", "done_key", "is_done", "export_covers", "next_tasks", "all_tasks", "progress", "stopped_after",
+           "generations_planned", "generation_block", "STOP_KEY"]
 
 KINDS = ("database", "sensitivity", "generation", "posttrain", "export", "evaluate")
 
@@ -112,6 +112,14 @@ def all_tasks(spec) -> list[list[Task]]:
         phases.append(pt)
     phases += [[Task("export")], [Task("evaluate")]]
     return phases
+
+
+def generation_block(spec, start: int, count: int) -> list[Task]:
+    """The generation tasks one warm process (one Kubernetes Job) runs from generation ``start``:
+    ``count`` of them (``generationsPerJob``), 0 = every one up to the last generation; never past
+    ``search.generations``. An early stop (``STOP_KEY``) ends the block sooner; the runner checks it."""
+    last = spec.search.generations if count == 0 else min(spec.search.generations, start + count)
+    return [Task("generation", g) for g in range(start, max(last, start + 1))]
 
 
 def stopped_after(store) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from darwinlm.core.plan import KINDS, Task, all_tasks, is_done, next_tasks
+from darwinlm.core.plan import KINDS, Task, all_tasks, done_key, is_done, next_tasks, stopped_after
 from darwinlm.errors import PeerFailure, PlanError, WorldConfigError
 from darwinlm.store import layout, open_store
 
@@ -131,6 +131,15 @@ def _not_ready(spec, store, todo) -> str | None:
     return None
 
 
+def _stopped_before(store, task: Task) -> bool:
+    """True for a generation after the one that ended the search early (``search.patience``): a warm
+    process running several generations stops there, as the plan does."""
+    if task.kind != "generation":
+        return False
+    stop = stopped_after(store)
+    return stop is not None and task.index > stop
+
+
 def _run_ranked(spec, uid, tasks, todo, progress: Progress) -> tuple[int, int]:
     """Join the process group the environment describes (if any) and run ``tasks``; (rank, world size)."""
     from darwinlm.llm.distributed import DistributedShard, init_from_env
@@ -143,6 +152,8 @@ def _run_ranked(spec, uid, tasks, todo, progress: Progress) -> tuple[int, int]:
         raise PeerFailure(f"cannot join the process group: {e}") from e
     if world is None:
         for task in tasks:
+            if _stopped_before(ws.store, task):
+                break
             run_task(ws, task, progress=progress)
         return 0, 1
     if spec.model.threads is None:
@@ -155,6 +166,8 @@ def _run_ranked(spec, uid, tasks, todo, progress: Progress) -> tuple[int, int]:
             ws.parent_for(todo[0].index)
         shard.barrier()
         for task in tasks:
+            if _stopped_before(ws.store, task):  # every rank reads the same marker after the barrier
+                break
             log.info("task %s (rank %d/%d)", task.name, world.rank, world.world_size)
             run_task(ws, task, progress=progress if world.is_writer else no_progress, shard=shard)
     finally:

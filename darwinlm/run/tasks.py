@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
-from darwinlm.core.plan import Task, done_key, is_done
+from darwinlm.core.eta import eta_line
+from darwinlm.core.plan import Task, done_key, generations_planned, is_done
 from darwinlm.core.rng import derive_rng
 from darwinlm.llm import database, sensitivity
 from darwinlm.llm.train import posttrain
@@ -80,10 +81,19 @@ def _generation(ws, task: Task, progress: Progress, shard) -> dict:
     writer = shard is None or getattr(shard, "is_writer", True)
     last = ws.last_tracking(g) if sp.tracking_tokens and writer else None
     shown = f" · tracking {last:.4f}" if last is not None else ""
-    bar = progress(f"generation {g + 1}/{sp.generations}{shown}", total)
+    first = ws.store.get_json(layout.generation_state(0)).get("seconds") if g else None
+    eta = eta_line(ws.store, g, generations_planned(ws.spec, ws.store), time.time(), first_seconds=first)
+    bar = progress(f"generation {g + 1}/{sp.generations} · {eta}{shown}", total)
+    started = time.time()
     res = run_generation(g, ws.parent_for(g), ws.space, ws.spec, ws.search_pools, ws.evaluator, ws.store,
                          shard=shard, progress=bar, stale_before=ws.stale_before(g),
                          track=ws.track if sp.tracking_tokens else None)
+    if writer:
+        # wall-clock facts for progress and ETA (darwinlm.core.eta), apart from the deterministic state;
+        # written before the state, so a finished generation always has one
+        ws.store.put_json(layout.generation_timing(g), {
+            "generation": g, "started": started, "finished": time.time(), "seconds": res.state.get("seconds"),
+            "process_started": ws.created, "process": dict(ws.timings)})
     return res.state  # the generation state is its own completion marker
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from functools import cached_property
 
 from safetensors.torch import load as st_load
@@ -39,6 +40,16 @@ class Workspace:
         self.spec = spec
         self.root = root if root is not None else open_store(spec.store)
         self.store = self.root.child(layout.search_prefix(spec.name, uid))
+        self.created = time.time()
+        self.timings: dict[str, float] = {}
+        """Seconds this process spent loading shared state (model, pools, database): the fixed cost a
+        Job pays once, recorded in every generation's timing.json."""
+
+    def _timed(self, what: str, fn):
+        t0 = time.time()
+        out = fn()
+        self.timings[what] = round(time.time() - t0, 3)
+        return out
 
     # -- spec bookkeeping -------------------------------------------------------------------------
     def record_spec(self) -> None:
@@ -55,7 +66,7 @@ class Workspace:
     # -- heavy state, loaded on first use -----------------------------------------------------------
     @cached_property
     def _model_tok(self):
-        return load_model(self.spec.model)
+        return self._timed("model_load", lambda: load_model(self.spec.model))
 
     @property
     def model(self):
@@ -71,7 +82,7 @@ class Workspace:
 
     @cached_property
     def pools(self):
-        return build_pools(self.spec.data, self.tokenizer)
+        return self._timed("pools", lambda: build_pools(self.spec.data, self.tokenizer))
 
     @cached_property
     def search_pools(self):
@@ -97,7 +108,10 @@ class Workspace:
         if database.finalize(self.model, self.spec.database, self.root, self.db_key, self.pools.calibration.digest(),
                              self.spec.database.shards) is None:
             raise RuntimeError("the layer database is incomplete: run the database tasks first")
-        return database.LayerDatabase(self.root, self.db_key)
+        t0 = time.time()
+        db = database.LayerDatabase(self.root, self.db_key)
+        self.timings["database_open"] = round(time.time() - t0, 3)
+        return db
 
     @cached_property
     def sensitivity_chunks(self):

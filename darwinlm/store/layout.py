@@ -97,6 +97,12 @@ def generation_state(g: int) -> str:
     return f"{_generation(g)}/state.json"
 
 
+def generation_timing(g: int) -> str:
+    """When generation ``g`` finished (wall clock) and what its process spent; written just before its
+    state. Kept out of the state, which holds only deterministic results (plus its ``seconds``)."""
+    return f"{_generation(g)}/timing.json"
+
+
 def generation_results(g: int) -> str:
     """The prefix under which generation ``g`` stores one result per evaluated candidate."""
     return f"{_generation(g)}/results"

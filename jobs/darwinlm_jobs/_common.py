@@ -46,12 +46,18 @@ def _k8s_fields() -> frozenset[str]:
 _KUBERNETES_FIELDS = frozenset({
     "image", "imagePullPolicy", "workers", "resources", "podTemplate", "s3", "suspend",
     "activeDeadlineSeconds", "backoffLimit", "podStartTimeoutSeconds", "ttlSecondsAfterFinished",
-    "artifactRetention", "queueName",
+    "artifactRetention", "queueName", "generationsPerJob",
 })
 
 
 def run(task, args) -> int:
-    """Run ``task`` (a darwinlm.core.plan.Task) with the parsed ``args``; returns the exit code.
+    """Run ``task`` (a darwinlm.core.plan.Task) with the parsed ``args``; returns the exit code."""
+    return load_and_run(lambda _spec: [task], args)
+
+
+def load_and_run(tasks_of, args) -> int:
+    """Run the tasks ``tasks_of(spec)`` (a list of darwinlm.core.plan.Task, in order) with the parsed
+    ``args``; returns the exit code.
 
     The work is ``darwinlm.run.runner.run_tasks``, the same as ``darwinlm task``'s, including joining the
     torch.distributed process group for generation tasks when WORLD_SIZE > 1 (after checking the task is
@@ -61,8 +67,9 @@ def run(task, args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         spec = load(args)
-        log.info("task %s of search %s (uid %s)", task.name, spec.name, args.uid)
-        out = run_tasks(spec, [task.name], uid=args.uid)
+        names = [t.name for t in tasks_of(spec)]
+        log.info("task(s) %s of search %s (uid %s)", " ".join(names), spec.name, args.uid)
+        out = run_tasks(spec, names, uid=args.uid)
     except (PlanError, PeerFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_code(e)

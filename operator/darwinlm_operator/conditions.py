@@ -61,6 +61,7 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 IMAGE_PULL_TIMEOUT = "ImagePullTimeout"
 UNSCHEDULABLE = "Unschedulable"
 FINISHED = "Finished"
+NEW_BEST_PARENT = "NewBestParent"  # Event reason: a generation's winner replaced the parent
 
 _STATUSES = ("True", "False", "Unknown")
 

@@ -287,8 +287,13 @@ def generate_crd() -> dict[str, Any]:
          "description": "Generations done / total."},
         {"name": "Best", "type": "number", "jsonPath": ".status.bestFitness",
          "description": "Best fitness so far (lower is better)."},
-        {"name": "ETA", "type": "string", "jsonPath": ".status.eta", "priority": 1,
-         "description": "Estimated time left."},
+        {"name": "Stage", "type": "string", "jsonPath": ".status.stage",
+         "description": "The phase running now (BuildingDatabase, Searching, PostTraining, ...)."},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
+         "description": "Percent of the planned generations done."},
+        {"name": "ETA", "type": "string", "jsonPath": ".status.eta",
+         "description": "Estimated time left until the last generation finishes (mean of measured "
+                        "generation intervals, Job hand-off included)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

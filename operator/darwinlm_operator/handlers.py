@@ -63,15 +63,18 @@ class OperatorConfig:
     max_backoff: float = 60.0
     """Longest wait (seconds) between reconciles of a search whose reconcile keeps failing."""
     job_defaults: JobDefaults = dataclasses.field(default_factory=JobDefaults)
-    """Job image and pull policy of searches that set no spec.image/spec.imagePullPolicy
-    (DARWINLM_JOB_IMAGE, DARWINLM_JOB_IMAGE_PULL_POLICY: the chart's jobImage); empty = none."""
+    """Job image, pull policy and generationsPerJob of searches that set no spec.image/
+    spec.imagePullPolicy/spec.generationsPerJob (DARWINLM_JOB_IMAGE, DARWINLM_JOB_IMAGE_PULL_POLICY: the
+    chart's jobImage; DARWINLM_GENERATIONS_PER_JOB: the chart's generationsPerJob); empty = none."""
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
         """The settings from DARWINLM_* variables; ValueError when one is malformed (at startup)."""
         env = os.environ
+        per_job = env.get("DARWINLM_GENERATIONS_PER_JOB", "").strip()
         jobs = JobDefaults(image=env.get("DARWINLM_JOB_IMAGE", "").strip() or None,
-                           image_pull_policy=env.get("DARWINLM_JOB_IMAGE_PULL_POLICY", "").strip() or None)
+                           image_pull_policy=env.get("DARWINLM_JOB_IMAGE_PULL_POLICY", "").strip() or None,
+                           generations_per_job=int(per_job) if per_job else None)
         return cls(interval=float(env.get("DARWINLM_RECONCILE_INTERVAL", cls.interval)),
                    metrics_port=int(env.get("DARWINLM_METRICS_PORT", cls.metrics_port)),
                    stale_after=float(env.get("DARWINLM_STALE_AFTER", cls.stale_after)),

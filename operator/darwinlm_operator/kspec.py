@@ -130,6 +130,15 @@ class KubeSpec(SpecNode):
     workers: int = setting(1, ge=1, le=1024)
     """Pods per generation Job: the torch.distributed world size (one rank per pod). Each rank
     evaluates its share of the offspring; the result does not depend on it. Default 1."""
+    generationsPerJob: int | None = setting(None, ge=0, le=100000)
+    """Generations each generation Job runs in one process group before it exits: 1 = one Job per
+    generation; N = generations g..g+N-1; 0 = every generation up to the end of the search. A warm Job
+    keeps the model, the database and the teacher cache resident, so pod start, imports, model load and
+    cache builds are paid once per Job instead of once per generation (bench/README.md measures it). Each
+    generation still writes its state to the store when it finishes: a Job killed or preempted mid-way
+    loses at most the generation in flight, and the next Job starts from the store. The result does not
+    depend on it. null = the operator's default (DARWINLM_GENERATIONS_PER_JOB, set by the Helm chart
+    from generationsPerJob: 0), else 1."""
     resources: ResourceRequirements = setting(factory=ResourceRequirements)
     """Requests and limits of each job pod, e.g. limits: {"nvidia.com/gpu": "1"}."""
     podTemplate: PodTemplateOverrides = setting(factory=PodTemplateOverrides)
@@ -195,14 +204,29 @@ class JobDefaults:
     """Job image for searches without ``spec.image``; None = such searches are Invalid."""
     image_pull_policy: str | None = None
     """Pull policy for searches without ``spec.imagePullPolicy``; None = IfNotPresent."""
+    generations_per_job: int | None = None
+    """``generationsPerJob`` of searches that set none (DARWINLM_GENERATIONS_PER_JOB, the chart's
+    ``generationsPerJob``); None = 1."""
 
     def __post_init__(self) -> None:
         if self.image is not None and (len(self.image) > 1024 or not re.search(IMAGE_REFERENCE, self.image)):
             raise ValueError(f"the default job image must be an image reference without spaces "
                              f"(at most 1024 characters), got {self.image!r}")
+        if self.generations_per_job is not None and not (isinstance(self.generations_per_job, int)
+                                                         and self.generations_per_job >= 0):
+            raise ValueError(f"the default generationsPerJob must be an integer >= 0, got {self.generations_per_job!r}")
         if self.image_pull_policy is not None and self.image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"the default job image pull policy must be one of {', '.join(PULL_POLICIES)}, "
                              f"got {self.image_pull_policy!r}")
+
+
+def generations_per_job(kube: KubeSpec, defaults: JobDefaults | None = None) -> int:
+    """A search's ``generationsPerJob``: the spec's, else the operator's default, else 1."""
+    if kube.generationsPerJob is not None:
+        return kube.generationsPerJob
+    if defaults is not None and defaults.generations_per_job is not None:
+        return defaults.generations_per_job
+    return 1
 
 
 def job_image(kube: KubeSpec, defaults: JobDefaults | None = None) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from darwinlm.spec import Bounds, SpecNode, setting
 from darwinlm_operator.kspec import FrozenMap, kfield
 
-__all__ = ["PHASES", "PruningSearchStatus", "Condition", "Attempt"]
+__all__ = ["PHASES", "PruningSearchStatus", "Condition", "Attempt", "Estimate"]
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 
@@ -68,6 +68,25 @@ class Attempt(SpecNode):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Estimate(SpecNode):
+    """The search's token budget, exact from the spec's selection schedule (``darwinlm estimate`` prints
+    the same numbers, with FLOPs, bytes, memory and hours)."""
+
+    evaluationsPerGeneration: int = setting(0, ge=0)
+    """Candidates fine-tuned and scored per generation (offspring, survivors, the parent at the last stage)."""
+    fitnessTokensPerGeneration: int = setting(0, ge=0)
+    """Tokens scored per generation (each candidate on its stage's fitness batch)."""
+    finetuneTokensPerGeneration: int = setting(0, ge=0)
+    """Tokens scheduled for fine-tuning per generation (each candidate on its stage's budget)."""
+    trainedTokensPerGeneration: int = setting(0, ge=0)
+    """Tokens actually trained per generation (fewer with warm_start: survivors continue)."""
+    fitnessTokensTotal: int = setting(0, ge=0)
+    """fitnessTokensPerGeneration x generations."""
+    trainedTokensTotal: int = setting(0, ge=0)
+    """trainedTokensPerGeneration x generations."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PruningSearchStatus(SpecNode):
     """Observed state of a PruningSearch, written by the operator only."""
 
@@ -85,8 +104,21 @@ class PruningSearchStatus(SpecNode):
     """Generations the search runs in total (spec.search.generations)."""
     bestFitness: float | None = None
     """Fitness of the current parent (the best genome so far); lower is better."""
+    progress: str | None = None
+    """Percent of the planned generations done, e.g. 45% (0% while the database is built, 100% once the
+    search part is over; `stage` says which phase runs)."""
+    stage: str | None = None
+    """The phase running now: BuildingDatabase, MeasuringSensitivity, Searching, PostTraining,
+    Exporting, Evaluating; Suspended or Finished."""
     eta: str | None = None
-    """Estimated time left until the search completes, e.g. 2h13m (from recent generation times)."""
+    """Estimated time left until the last generation finishes, e.g. 2h13m: the generations left times
+    the mean wall-clock interval between generation finishes (Job hand-off included), minus the time
+    the generation in flight has run. Unset outside the search phases."""
+    etaRange: str | None = None
+    """The spread of `eta`, e.g. 1h50m-2h40m: the same estimate from the 25th and 75th percentile of
+    the measured generation intervals."""
+    estimate: Estimate | None = None
+    """The token budget of the search, from its spec (see `darwinlm estimate` for FLOPs and hours)."""
     gpuSeconds: float | None = setting(None, ge=0.0)
     """GPU-seconds used so far by the search's Jobs (GPUs per pod x pod run time)."""
     offspringEvaluated: int | None = setting(None, ge=0)

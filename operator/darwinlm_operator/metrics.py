@@ -14,6 +14,8 @@ darwinlm_searches                           gauge      namespace, phase
 darwinlm_search_generation                  gauge      namespace, name (generations done)
 darwinlm_search_generations_total_planned   gauge      namespace, name (spec.search.generations)
 darwinlm_search_best_fitness                gauge      namespace, name
+darwinlm_search_progress_ratio              gauge      namespace, name (status.progress / 100)
+darwinlm_search_eta_seconds                 gauge      namespace, name (status.eta while set; 0 once Succeeded)
 darwinlm_search_seconds_since_progress      gauge      namespace, name (only while Running)
 darwinlm_offspring_evaluated_total          counter    namespace, name
 darwinlm_generation_attempts_total          counter    namespace, name (finished generation Jobs)
@@ -74,6 +76,8 @@ class _Search:
     database_seconds: float | None = None
     progress: tuple = ()
     progress_at: float = 0.0
+    percent: float = 0.0
+    eta_seconds: float | None = None
 
 
 class _SearchCollector(Collector):
@@ -91,6 +95,10 @@ class _SearchCollector(Collector):
                                     "Generations the search runs in total (spec.search.generations).", labels=ns_name)
         best = GaugeMetricFamily("darwinlm_search_best_fitness",
                                  "Fitness of the best genome so far (lower is better).", labels=ns_name)
+        ratio = GaugeMetricFamily("darwinlm_search_progress_ratio",
+                                  "Fraction of the planned generations done (status.progress).", labels=ns_name)
+        eta = GaugeMetricFamily("darwinlm_search_eta_seconds",
+                                "Seconds until the last generation finishes (status.eta).", labels=ns_name)
         stall = GaugeMetricFamily("darwinlm_search_seconds_since_progress",
                                   "Seconds since a Running search last finished a task or evaluated an offspring.",
                                   labels=ns_name)
@@ -115,6 +123,9 @@ class _SearchCollector(Collector):
             planned.add_metric(key, s.generations)
             if s.best is not None:
                 best.add_metric(key, s.best)
+            ratio.add_metric(key, s.percent / 100.0)
+            if s.eta_seconds is not None:
+                eta.add_metric(key, s.eta_seconds)
             if s.phase == "Running":
                 stall.add_metric(key, max(0.0, now - s.progress_at))
             evaluated.add_metric(key, s.evaluated)
@@ -127,7 +138,7 @@ class _SearchCollector(Collector):
         for ns in sorted({ns for ns, _ in snap}):
             for phase in PHASES:
                 by_phase.add_metric([ns, phase], phases.get((ns, phase), 0))
-        yield from (by_phase, gen, planned, best, stall, evaluated, attempts, failed, gpu, db)
+        yield from (by_phase, gen, planned, best, ratio, eta, stall, evaluated, attempts, failed, gpu, db)
 
 
 class Metrics:
@@ -171,6 +182,9 @@ class Metrics:
             s.generation = int(status.get("generationsDone") or 0)
             s.generations = int(status.get("generationsTotal") or 0)
             s.best = status.get("bestFitness")
+            s.percent = float(str(status.get("progress") or "0%").rstrip("%") or 0)
+            s.eta_seconds = extra.get("etaSeconds") if status.get("eta") else (
+                0.0 if s.phase == "Succeeded" else None)  # nothing left; unknown otherwise (no series)
             s.evaluated = max(s.evaluated, int(status.get("offspringEvaluated") or 0))
             s.attempts = max(s.attempts, attempts)
             s.failed = {r: max(n, s.failed.get(r, 0)) for r, n in {**s.failed, **failed}.items()}

@@ -21,7 +21,7 @@ Rules, in order:
 4. activeDeadlineSeconds (from status.startTime, time suspended included) -> Failed DeadlineExceeded.
 5. suspend -> active Jobs deleted, phase Suspended; resuming continues from the store.
 6. All tasks done -> Succeeded with resultURI. Otherwise, per task of ``next_tasks``: wait for its
-   live Job (failing the search when its pods stay Pending past podStartTimeoutSeconds with an image
+   live Job (for a generation: also a warm Job, ``generationsPerJob`` != 1, whose generations include it) (failing the search when its pods stay Pending past podStartTimeoutSeconds with an image
    pull error / unschedulable), else fail permanently / on exhausted retries, else create the next
    attempt ``<search>-<task>-a<n>`` (n = highest attempt seen in the ledger and the Jobs, plus one).
 
@@ -47,7 +47,7 @@ from .decision import Context, Decision, Event, StoreView  # noqa: F401 - Event 
 from .jobstate import (attempt_of, classify_failure, first_error_line, get, is_deleting, job_end,  # noqa: F401
                        job_outcome, job_usage, pending_timeout)
 from .kspec import JobDefaults, job_image, load_psearch
-from .render import LABEL_SEARCH_UID, LABEL_TASK, render_job, render_service
+from .render import LABEL_SEARCH_UID, LABEL_TASK, job_generations, render_job, render_service
 from .status import (_STAGE_REASONS, _deadline_passed, _delete_active, _fail, _finite, _invalid,  # noqa: F401
                      _progress, _resume, _running, _succeed, _suspend, _terminal, _ttl, _valid, _why,
                      format_duration, status_patch)
@@ -60,7 +60,7 @@ __all__ = ["Decision", "Event", "StoreView", "decide", "as_manifest", "job_outco
 
 # the status fields the operator owns (declared in the CRD's status schema, kstatus.PruningSearchStatus)
 _OWNED = ("phase", "conditions", "observedGeneration", "generation", "generationsDone", "generationsTotal",
-          "bestFitness", "eta", "gpuSeconds", "offspringEvaluated", "offspringFailed", "checkpointURI",
+          "bestFitness", "progress", "stage", "eta", "etaRange", "estimate", "gpuSeconds", "offspringEvaluated", "offspringFailed", "checkpointURI",
           "resultURI", "startTime", "completionTime", "retries", "message", "attempts")
 
 
@@ -159,16 +159,25 @@ def _spec_conflict(spec, store: StoreView | None) -> list[tuple[str, str]]:
                 f"or create a new PruningSearch") for k in layout.spec_drift(saved, spec_to_dict(spec))]
 
 
+def _task_jobs(ctx: Context, task: Task) -> list:
+    """The Jobs that run ``task``: its own, and for a generation the warm generation Jobs
+    (``generationsPerJob`` != 1) started at an earlier generation whose range includes it."""
+    if task.kind != "generation":
+        return [j for j in ctx.jobs if get(j, "metadata", "labels", LABEL_TASK) == task.name]
+    return [j for j in ctx.jobs if task.index in (job_generations(j) or ())]
+
+
 def _drive(ctx: Context, task: Task) -> bool:
     """Wait for, retry or start ``task``; True when the search failed (stop)."""
     tjobs = [j for j in ctx.jobs if get(j, "metadata", "labels", LABEL_TASK) == task.name]
-    live = [j for j in tjobs if job_outcome(j) is None and not is_deleting(j)]
+    running = _task_jobs(ctx, task)
+    live = [j for j in running if job_outcome(j) is None and not is_deleting(j)]
     if live:
         stuck = pending_timeout(live, ctx.pods, ctx.now, ctx.kspec.podStartTimeoutSeconds, ctx.image)
         if stuck:
             _fail(ctx, *stuck)
         return bool(stuck)
-    if any(is_deleting(j) for j in tjobs):
+    if any(is_deleting(j) for j in running):
         return False  # the previous attempt is still going away
     for name, r in list(ctx.ledger.items()):
         if r.get("task") == task.name and r.get("outcome") == "Succeeded":  # ...but the task is not done

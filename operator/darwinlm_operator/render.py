@@ -27,17 +27,17 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from darwinlm.core.plan import Task
+from darwinlm.core.plan import Task, generation_block
 from darwinlm.errors import EXIT_PERMANENT
 from darwinlm.spec import API_VERSION, KIND, spec_to_dict
 
-from .kspec import JobDefaults, job_image
+from .kspec import JobDefaults, generations_per_job, job_image
 
 __all__ = [
     "MANAGED_BY", "LABEL_MANAGED_BY", "LABEL_SEARCH", "LABEL_SEARCH_UID", "LABEL_TASK",
     "LABEL_TASK_KIND", "LABEL_ATTEMPT", "LABEL_JOB", "LABEL_QUEUE", "MAX_JOB_NAME", "MASTER_PORT",
     "job_name", "service_name", "render_job", "render_service", "owner_reference", "dns_label",
-    "job_labels", "gpus_per_pod", "pods_per_job",
+    "job_labels", "gpus_per_pod", "pods_per_job", "LABEL_LAST_GENERATION", "generations_of", "job_generations",
 ]
 
 MANAGED_BY = "darwinlm-operator"
@@ -50,6 +50,7 @@ LABEL_ATTEMPT = "darwinlm.io/attempt"
 LABEL_JOB = "darwinlm.io/job"
 LABEL_ROLE = "darwinlm.io/role"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_LAST_GENERATION = "darwinlm.io/last-generation"  # generation Jobs: the last generation they run
 
 MAX_JOB_NAME = 52  # 63 (label value / hostname) minus room for "-<index>" of Indexed Job pods
 MASTER_PORT = 29500  # torch.distributed rendezvous port on rank 0
@@ -114,6 +115,24 @@ def job_labels(cr: Mapping[str, Any], task: Task, attempt: int, kspec) -> dict[s
     return labels
 
 
+def generations_of(kspec, spec, task: Task, defaults: JobDefaults | None = None) -> list[int]:
+    """The generations a generation task's Job runs (``generationsPerJob`` from ``task.index``)."""
+    return [t.index for t in generation_block(spec, task.index, generations_per_job(kspec, defaults))]
+
+
+def job_generations(job: Mapping[str, Any]) -> range | None:
+    """The generations a generation Job of the operator runs (from its labels); None for other Jobs."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    try:
+        task = Task.parse(labels.get(LABEL_TASK, ""))
+    except ValueError:
+        return None
+    if task.kind != "generation":
+        return None
+    last = labels.get(LABEL_LAST_GENERATION, "")
+    return range(task.index, (int(last) if last.isdigit() else task.index) + 1)
+
+
 # ---------------------------------------------------------------------------------------- sizes
 
 def pods_per_job(kspec, task: Task) -> int:
@@ -133,10 +152,11 @@ def gpus_per_pod(kspec) -> int:
 
 # ---------------------------------------------------------------------------------------- the Job
 
-def _command(task: Task) -> list[str]:
+def _command(task: Task, per_job: int = 1) -> list[str]:
+    gen = ["--index", str(task.index)] + (["--count", str(per_job)] if per_job != 1 else [])
     args = {"database": ["--shard", str(task.index), "--shards", str(task.count)],
             "sensitivity": ["--shard", str(task.index), "--shards", str(task.count)],
-            "generation": ["--index", str(task.index)],
+            "generation": gen,
             "posttrain": ["--variant", task.variant]}.get(task.kind, [])
     return ["python", "-m", f"darwinlm_jobs.{task.kind}", *args]
 
@@ -223,7 +243,7 @@ def _pod_spec(cr, kspec, spec, task: Task, job: str, defaults: JobDefaults | Non
         "name": "task",
         "image": image,
         "imagePullPolicy": pull_policy,
-        "command": _command(task),
+        "command": _command(task, generations_per_job(kspec, defaults)),
         "env": _env(cr, kspec, spec, task, job),
         "resources": resources,
         "securityContext": ctr_sec,
@@ -267,6 +287,8 @@ def render_job(cr: Mapping[str, Any], kspec, spec, task: Task, attempt: int, *,
     meta = cr["metadata"]
     name = job_name(meta["name"], task, attempt)
     labels = job_labels(cr, task, attempt, kspec)
+    if task.kind == "generation":
+        labels[LABEL_LAST_GENERATION] = str(generations_of(kspec, spec, task, defaults)[-1])
     workers = pods_per_job(kspec, task)
     pod_labels = {k: v for k, v in labels.items() if k != LABEL_QUEUE}
     if workers > 1:

@@ -3,7 +3,9 @@
 Why this module exists: every rule of ``decide`` ends in a status change - Invalid or valid, terminal
 (then ttlSecondsAfterFinished), Failed (DeadlineExceeded, a task failing), Suspended or resumed,
 Succeeded, or Running with the stage as reason - and every call on a valid, live search refreshes the
-progress fields from the store (generation i/N, best fitness, ETA, offspring, checkpoint). These
+progress fields from the store (generation i/N, progress %, stage, best fitness, ETA and its range from
+the generations' timing.json via ``darwinlm.core.eta``, the token estimate via ``darwinlm.core.schedule``,
+offspring, checkpoint) and posts GenerationComplete / NewBestParent events. These
 writers work on the per-call context (``decision.Context``): they set metav1 conditions through
 ``conditions`` and post Events; a transition that stops the search deletes its active Jobs, recording
 them in the retry ledger. :func:`status_patch` turns the decided status into the JSON merge patch the
@@ -15,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from darwinlm.core.eta import estimate_eta, finish_times, format_duration, progress_percent
 from darwinlm.core.plan import Task, all_tasks, done_key, generations_planned
+from darwinlm.core.schedule import schedule
 from darwinlm.store import layout
 
 from . import conditions as C
@@ -94,7 +98,7 @@ def _terminal(ctx: Context) -> bool:
 
 def _fail(ctx: Context, reason: str, message: str) -> None:
     _delete_active(ctx, reason)
-    ctx.status.update(phase="Failed", completionTime=C.timestamp(ctx.now), message=message, eta=None)
+    ctx.status.update(phase="Failed", completionTime=C.timestamp(ctx.now), message=message, eta=None, etaRange=None)
     ctx.cond(C.FAILED, True, reason, message)
     ctx.cond(C.RUNNING, False, reason, "the search failed")
     ctx.cond(C.RETRYING, False, C.NO_RETRY, "the search failed")
@@ -117,7 +121,8 @@ def _suspend(ctx: Context) -> None:
     if ctx.status.get("phase") != "Suspended":
         ctx.event("Normal", C.SUSPENDED, f"suspended: {len(active)} Job(s) deleted, GPUs released; "
                                          f"set spec.suspend=false to resume from the store")
-    ctx.status.update(phase="Suspended", message="suspended (spec.suspend is true)", eta=None)
+    ctx.status.update(phase="Suspended", message="suspended (spec.suspend is true)", eta=None, etaRange=None,
+                      stage=C.SUSPENDED)
     ctx.cond(C.SUSPENDED, True, C.SUSPENDED_BY_USER, "spec.suspend is true: no Jobs run")
     ctx.cond(C.RUNNING, False, C.SUSPENDED_BY_USER, "the search is suspended")
     ctx.cond(C.RETRYING, False, C.NO_RETRY, "the search is suspended")
@@ -130,13 +135,6 @@ def _resume(ctx: Context) -> None:
     elif C.get_condition(ctx.status.get("conditions"), C.SUSPENDED) is None:
         ctx.cond(C.SUSPENDED, False, C.NOT_SUSPENDED, "spec.suspend is false")
     ctx.status.setdefault("startTime", C.timestamp(ctx.now))
-
-
-def format_duration(seconds: float) -> str:
-    """``8000`` -> ``"2h13m"``; ``63`` -> ``"1m3s"`` (the ETA column)."""
-    s = max(0, int(round(seconds)))
-    h, m, sec = s // 3600, s % 3600 // 60, s % 60
-    return f"{h}h{m}m" if h else (f"{m}m{sec}s" if m else f"{sec}s")
 
 
 def _finite(x: Any) -> float | None:
@@ -162,22 +160,50 @@ def _progress(ctx: Context, tasks: list[Task]) -> None:
     # the winner's score on the fixed tracking batch (comparable across generations) when the search tracks
     last = states[-1] if states else {}
     st["bestFitness"] = _finite((last.get("tracking") or {}).get("fitness", last.get("best_fitness")))
-    secs = [float(s["seconds"]) for s in states if _finite(s.get("seconds")) is not None]
     searching = bool(tasks) and tasks[0].kind in ("database", "sensitivity", "generation")
-    st["eta"] = format_duration(sum(secs) / len(secs) * (total_g - done_g)) if secs and searching else None
+    sched = schedule(spec)
+    per, tot = sched["per_generation"], sched["total"]
+    st["estimate"] = {"evaluationsPerGeneration": per["evaluations"], "fitnessTokensPerGeneration":
+                      per["fitness_tokens"], "finetuneTokensPerGeneration": per["finetune_tokens"],
+                      "trainedTokensPerGeneration": per["trained_tokens"], "fitnessTokensTotal": tot["fitness_tokens"],
+                      "trainedTokensTotal": tot["trained_tokens"]}
+    st["progress"] = f"{progress_percent(done_g, total_g, after_search=not searching)}%"
+    st["stage"] = _STAGE_REASONS[tasks[0].kind] if tasks else C.FINISHED
+    _eta(ctx, states, total_g - done_g if searching else 0)
     st["checkpointURI"] = f"{store.uri}/{done_key(Task('generation', done_g - 1))}" if done_g else None
     ctx.out.metrics.update(progress=(tasks_done, evaluated), tasks=sum(len(ph) for ph in phases))
     if not tasks or tasks[0].kind != "database":
         shards = [store.get_json(done_key(t)) or {} for t in phases[0]]
         ctx.out.metrics["databaseSeconds"] = max((_finite(s.get("seconds")) or 0.0 for s in shards), default=0.0)
-    if done_g > int(ctx.old.get("generationsDone") or 0) and states:
+    before = int(ctx.old.get("generationsDone") or 0)
+    if done_g > before and states:
         ctx.event("Normal", "GenerationComplete", f"generation {done_g}/{total_g} complete, best fitness "
                                                   f"{st['bestFitness']}")
+        for s in states[before:]:
+            if s.get("parent_survived") is False:
+                ctx.event("Normal", C.NEW_BEST_PARENT,
+                          f"generation {int(s.get('generation', 0)) + 1}/{total_g}: new best parent, fitness "
+                          f"{_finite(s.get('best_fitness'))}")
+
+
+def _eta(ctx: Context, states: list, remaining: int) -> None:
+    """``eta`` (mean-based) and ``etaRange`` (25th..75th percentile) until the last generation finishes,
+    from the measured wall-clock intervals between generation finishes (Job hand-off included), see
+    ``darwinlm.core.eta``; None outside the search phases or before any generation finished."""
+    st = ctx.status
+    est = None
+    if remaining > 0 and states:
+        est = estimate_eta(finish_times(ctx.store, len(states)), remaining, ctx.now.timestamp(),
+                           first_seconds=_finite(states[0].get("seconds")))
+    st["eta"] = format_duration(est.seconds) if est is not None else None
+    st["etaRange"] = f"{format_duration(est.low)}-{format_duration(est.high)}" if est is not None else None
+    ctx.out.metrics["etaSeconds"] = est.seconds if est is not None else None
 
 
 def _succeed(ctx: Context) -> None:
     result = f"{ctx.store.uri}/{layout.RESULT}"
-    ctx.status.update(phase="Succeeded", resultURI=result, eta=None, completionTime=C.timestamp(ctx.now),
+    ctx.status.update(phase="Succeeded", resultURI=result, eta=None, etaRange=None, progress="100%",
+                      stage=C.FINISHED, completionTime=C.timestamp(ctx.now),
                       message=f"result in {result}")
     ctx.status.setdefault("startTime", C.timestamp(ctx.now))
     ctx.cond(C.SUCCEEDED, True, C.ALL_TASKS_COMPLETE, f"every task is complete; result in {ctx.status['resultURI']}")

@@ -112,7 +112,7 @@ def test_kubectl_get_shows_the_printer_columns(cluster, kubectl, k8s, namespace,
 
     crd = kubectl.json("get", "crd", f"{P}.{G}")
     columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in columns] == ["Phase", "Generation", "Best", "ETA", "Age"], columns
+    assert [c["name"] for c in columns] == ["Phase", "Generation", "Best", "Stage", "Progress", "ETA", "Age"], columns
     # kubectl's own JSONPath engine on the whole object (client side)
     spec = ",".join(f"{c['name'].upper()}:{c['jsonPath']}" for c in columns if c["name"] != "Age")
     rows = kubectl("get", "psearch", "shown", "-n", namespace, "-o", f"custom-columns={spec}").stdout.splitlines()
@@ -131,13 +131,16 @@ def test_kubectl_get_shows_the_printer_columns(cluster, kubectl, k8s, namespace,
 
     # the server-side Table: NAME, the priority-0 columns in order, AGE computed by the server from the timestamp
     normal = ["NAME"] + [c["name"].upper() for c in columns if not c.get("priority")]
-    want = {"NAME": "shown", "PHASE": "Suspended", "GENERATION": "1/3", "BEST": "0.4375"}
+    want = {"NAME": "shown", "PHASE": "Suspended", "GENERATION": "1/3", "BEST": "0.4375", "STAGE": "Suspended",
+            "PROGRESS": "33%"}
     for args in (("psearch",), ("pruningsearches.darwinlm.io",), ("ps", "shown"), ("darwinlm",)):
         header, body = table(*args)
         assert header == normal, (args, header)
         assert len(body) == 1 and {k: body[0][k] for k in want} == want, (args, body)
         assert re.fullmatch(r"(\d+[smhdy])+", body[0]["AGE"]), (args, body)
-    # -o wide adds the priority-1 column (ETA: none while suspended)
+        # PROGRESS next to ETA in plain `kubectl get` (ETA: none while suspended)
+        assert header.index("ETA") == header.index("PROGRESS") + 1 and body[0]["ETA"] == "", (args, body)
+    # -o wide: every column is priority 0
     header, body = table("psearch", "-o", "wide")
     assert header == ["NAME"] + [c["name"].upper() for c in columns], header
     assert {k: body[0][k] for k in want} == want and body[0]["ETA"] == "", body

@@ -288,7 +288,9 @@ def test_names_and_shape():
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Generation", "Best", "ETA", "Age"]
+        "Phase", "Generation", "Best", "Stage", "Progress", "ETA", "Age"]
+    shown = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert "priority" not in shown["Progress"] and "priority" not in shown["ETA"]  # both in plain `kubectl get`
     status = SCHEMA["properties"]["status"]["properties"]
     assert status["phase"]["enum"] == ["Pending", "Running", "Suspended", "Succeeded", "Failed"]
     assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]

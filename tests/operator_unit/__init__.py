@@ -71,9 +71,15 @@ class FakeStore:
             self.keys[done_key(t)] = {"seconds": 10.0, **payload}
         return self
 
-    def generation(self, g: int, *, best: float, seconds: float = 100.0, evaluations: int = 7) -> "FakeStore":
+    def generation(self, g: int, *, best: float, seconds: float = 100.0, evaluations: int = 7,
+                   finished: float | None = None, new_parent: bool = False) -> "FakeStore":
+        """Generation ``g``'s state; ``finished`` (seconds after T0) also writes its timing.json."""
         self.keys[done_key(Task("generation", g))] = {"generation": g, "best_fitness": best,
-                                                      "seconds": seconds, "evaluations": evaluations}
+                                                      "seconds": seconds, "evaluations": evaluations,
+                                                      "parent_survived": not new_parent}
+        if finished is not None:
+            self.keys[f"generations/{g:05d}/timing.json"] = {"generation": g, "seconds": seconds,
+                                                             "finished": at(finished).timestamp()}
         return self
 
 

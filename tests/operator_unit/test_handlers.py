@@ -191,3 +191,15 @@ def test_reconcile_uses_the_operators_job_image(monkeypatch):
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert (container["image"], container["imagePullPolicy"]) == ("ghcr.io/darwinlm/darwinlm-job:0.2.0", "Always")
     assert kube.cr["status"]["phase"] == "Running"
+
+
+def test_the_default_generations_per_job_comes_from_the_environment(monkeypatch):
+    import pytest
+
+    monkeypatch.delenv("DARWINLM_GENERATIONS_PER_JOB", raising=False)
+    assert handlers.OperatorConfig.from_env().job_defaults.generations_per_job is None
+    monkeypatch.setenv("DARWINLM_GENERATIONS_PER_JOB", "0")  # the chart's default
+    assert handlers.OperatorConfig.from_env().job_defaults.generations_per_job == 0
+    monkeypatch.setenv("DARWINLM_GENERATIONS_PER_JOB", "-1")
+    with pytest.raises(ValueError, match="generationsPerJob"):
+        handlers.OperatorConfig.from_env()

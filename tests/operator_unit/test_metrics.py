@@ -109,3 +109,16 @@ def test_promtool_check_metrics():
     m.error("ns")
     r = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(m.registry), capture_output=True)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_progress_and_eta_gauges_follow_the_status():
+    m = Metrics(clock=Clock())
+    key = (("name", "s1"), ("namespace", "team-a"))
+    m.observe("team-a", "s1", {**STATUS, "progress": "20%", "eta": "4m0s"}, {"etaSeconds": 240.0})
+    s = _samples(m)
+    assert s[("darwinlm_search_progress_ratio", key)] == 0.2 and s[("darwinlm_search_eta_seconds", key)] == 240.0
+    m.observe("team-a", "s1", {**STATUS, "progress": "20%", "eta": None}, {"etaSeconds": None})
+    assert ("darwinlm_search_eta_seconds", key) not in _samples(m)  # unknown: no series
+    m.observe("team-a", "s1", {**STATUS, "phase": "Succeeded", "progress": "100%"}, {})
+    s = _samples(m)
+    assert s[("darwinlm_search_progress_ratio", key)] == 1.0 and s[("darwinlm_search_eta_seconds", key)] == 0.0

@@ -119,8 +119,15 @@ def test_progress_fields_from_the_store():
     d = _run(cr, [_job(cr, G2, 0, None, start=1)], store=store, t=2)
     st = d.status
     assert st["generation"] == "2/3" and st["generationsDone"] == 2
+    assert st["progress"] == "66%" and st["stage"] == C.SEARCHING
+    # the tiny spec: 4 offspring -> stage 0 pool 4, stage 1 pool 2 + the parent; 128 / 256 fitness tokens
+    assert st["estimate"] == {"evaluationsPerGeneration": 7, "fitnessTokensPerGeneration": 4 * 128 + 3 * 256,
+                              "finetuneTokensPerGeneration": 4 * 64 + 3 * 128,
+                              "trainedTokensPerGeneration": 4 * 64 + 3 * 128,
+                              "fitnessTokensTotal": 3 * (4 * 128 + 3 * 256), "trainedTokensTotal": 3 * (4 * 64 + 3 * 128)}
     assert st["bestFitness"] == 0.7
-    assert st["eta"] == format_duration(200) == "3m20s"  # mean 200 s x 1 generation left
+    # no timing.json (a store of an older version): generation 0's compute seconds stand in
+    assert st["eta"] == format_duration(100) == "1m40s"
     assert st["offspringEvaluated"] == 7 + 7 + 2  # two states + results of the running generation
     assert st["checkpointURI"] == f"{store.uri}/generations/00001/state.json"
     assert d.metrics["databaseSeconds"] == 10.0 and d.metrics["progress"] == (3, 16)
@@ -521,3 +528,78 @@ def test_a_job_still_finishing_after_success_is_left_alone():
     finished = job_status(evaluate, "Succeeded", start=0, end=11)
     d3 = _run(applied(cr, d2), [finished], store=store, t=12)
     assert d3.status["attempts"]["tiny-evaluate-a0"]["outcome"] == "Succeeded"
+
+
+# ------------------------------------------------------------------------------ progress, ETA, best parents
+
+def test_eta_is_the_mean_measured_interval_hand_off_included_minus_the_generation_in_flight():
+    cr = make_cr(**{"search.generations": 6})
+    # compute seconds 100 each, but finishes 150 s apart (50 s of Job hand-off), one slow hand-off (400 s)
+    store = FakeStore().done(DB)
+    for g, t in enumerate([1000, 1150, 1300, 1700]):
+        store.generation(g, best=0.9, seconds=100, finished=t)
+    d = _run(cr, [_job(cr, Task("generation", 4), 0, None, start=1700)], store=store, t=1760)
+    st = d.status
+    assert st["generation"] == "4/6" and st["progress"] == "66%" and st["stage"] == C.SEARCHING
+    # intervals 150, 150, 400: mean 233.3 (the slow hand-off counts); 2 generations left; the one in flight
+    # has run 60 s
+    assert st["eta"] == format_duration(2 * 700 / 3 - 60) == "6m47s"
+    assert st["etaRange"] == f"{format_duration(2 * 150 - 60)}-{format_duration(2 * 275 - 60)}"
+    assert d.metrics["etaSeconds"] == pytest.approx(2 * 700 / 3 - 60)
+    # past the mean, never below the generations after the one in flight
+    st = _run(cr, [_job(cr, Task("generation", 4), 0, None, start=1700)], store=store, t=2300).status
+    assert st["eta"] == format_duration(700 / 3)
+
+
+def test_an_event_for_each_new_best_parent_and_progress_after_the_search():
+    cr = make_cr(**{"search.generations": 3})
+    store = FakeStore().done(DB).generation(0, best=0.9, new_parent=True).generation(1, best=0.9)
+    d = _run(cr, store=store, t=5)
+    best = [e for e in d.events if e.reason == C.NEW_BEST_PARENT]
+    assert [e.message for e in best] == ["generation 1/3: new best parent, fitness 0.9"]
+    # already reported: the next call (status generationsDone 2) posts none
+    again = _run(make_cr(**{"search.generations": 3}, status=d.status), store=store, t=6)
+    assert C.NEW_BEST_PARENT not in _reasons(again)
+    store.generation(2, best=0.5, new_parent=True)
+    d = _run(make_cr(**{"search.generations": 3}, status=d.status), store=store, t=7)
+    assert [e.message for e in d.events if e.reason == C.NEW_BEST_PARENT] == [
+        "generation 3/3: new best parent, fitness 0.5"]
+    assert d.status["progress"] == "100%" and d.status["stage"] == C.POST_TRAINING and d.status["eta"] is None
+
+
+# ------------------------------------------------------------------------------ warm generation Jobs
+
+def test_a_warm_job_runs_several_generations_and_is_waited_for_while_it_does():
+    cr = make_cr(generationsPerJob=0, **{"search.generations": 5})
+    store = FakeStore().done(DB)
+    d = _run(cr, store=store)
+    assert _created(d) == ["tiny-generation-0-a0"]
+    job = d.create[0]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-4:] == ["--index", "0", "--count", "0"]
+    assert job["metadata"]["labels"]["darwinlm.io/last-generation"] == "4"
+    live = job_status(job, None, start=1)
+    store.generation(0, best=0.9).generation(1, best=0.8)  # the Job is in generation 2
+    d = _run(cr, [live], store=store, t=5)
+    assert _created(d) == [] and d.status["generation"] == "2/5"
+
+
+def test_a_warm_job_killed_mid_way_is_followed_by_one_from_the_first_unfinished_generation():
+    cr = make_cr(generationsPerJob=3, **{"search.generations": 5})
+    store = FakeStore().done(DB).generation(0, best=0.9)
+    first = _job(cr, G0, 0, None, start=1)
+    assert first["metadata"]["labels"]["darwinlm.io/last-generation"] == "2"
+    assert first["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["--count", "3"]
+    killed = job_status(first, "Failed", start=1, end=9, reason="Evicted")
+    store.generation(1, best=0.8)  # generations 0 and 1 finished before the eviction
+    d = _run(cr, [killed], store=store, t=10)
+    assert _created(d) == ["tiny-generation-2-a0"]  # not generation 0 or 1 again
+    nxt = d.create[0]
+    assert nxt["spec"]["template"]["spec"]["containers"][0]["command"][-4:] == ["--index", "2", "--count", "3"]
+    assert nxt["metadata"]["labels"]["darwinlm.io/last-generation"] == "4"  # capped at the last generation
+
+
+def test_generations_per_job_one_renders_todays_job():
+    cr = make_cr(**{"search.generations": 5})
+    job = _job(cr, G1)
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["--index", "1"]
+    assert job["metadata"]["labels"]["darwinlm.io/last-generation"] == "1"

@@ -74,7 +74,8 @@ def test_job_metadata_labels_and_owner():
     assert meta["labels"] == {
         "app.kubernetes.io/managed-by": "darwinlm-operator", "darwinlm.io/search": "tiny",
         "darwinlm.io/search-uid": UID, "darwinlm.io/task": "generation-2", "darwinlm.io/task-kind": "generation",
-        "darwinlm.io/attempt": "1", "darwinlm.io/job": "tiny-generation-2-a1"}
+        "darwinlm.io/attempt": "1", "darwinlm.io/job": "tiny-generation-2-a1",
+        "darwinlm.io/last-generation": "2"}  # generationsPerJob 1: this generation only
     assert meta["ownerReferences"] == [{"apiVersion": "darwinlm.io/v1alpha1", "kind": "PruningSearch",
                                         "name": "tiny", "uid": UID, "controller": True, "blockOwnerDeletion": True}]
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
@@ -304,3 +305,27 @@ def test_the_jobs_know_the_same_kubernetes_fields_as_the_operator():
     from darwinlm_jobs import _common
 
     assert _common._KUBERNETES_FIELDS == KUBERNETES_FIELDS  # noqa: SLF001
+
+
+def test_the_jobs_and_the_estimate_command_know_every_kubernetes_field():
+    """A new KubeSpec field (e.g. generationsPerJob) must be ignored by the jobs' and `darwinlm estimate`'s
+    library-spec loaders, which cannot import the operator."""
+    from darwinlm.cli import _ESTIMATE_K8S
+    from darwinlm_jobs._common import _KUBERNETES_FIELDS
+
+    assert KUBERNETES_FIELDS <= _KUBERNETES_FIELDS and KUBERNETES_FIELDS <= _ESTIMATE_K8S
+
+
+def test_generations_per_job_the_spec_wins_over_the_operator_default_then_one():
+    def command(defaults, **over):
+        cr = make_cr(**{"search.generations": 5}, **over)
+        spec, kspec = load_psearch(cr)
+        job = render.render_job(cr, kspec, spec, Task("generation", 1), 0, defaults=defaults)
+        return job["spec"]["template"]["spec"]["containers"][0]["command"][-4:], \
+            job["metadata"]["labels"]["darwinlm.io/last-generation"]
+
+    assert command(JobDefaults()) == (["-m", "darwinlm_jobs.generation", "--index", "1"], "1")
+    assert command(JobDefaults(generations_per_job=0)) == (["--index", "1", "--count", "0"], "4")
+    assert command(JobDefaults(generations_per_job=0), generationsPerJob=1) == (
+        ["-m", "darwinlm_jobs.generation", "--index", "1"], "1")
+    assert command(JobDefaults(), generationsPerJob=2) == (["--index", "1", "--count", "2"], "2")

@@ -45,6 +45,8 @@ METRICS = {
     "darwinlm_search_generations_total_planned": "gauge {namespace,name}: spec.search.generations",
     "darwinlm_search_best_fitness": "gauge {namespace,name}: best fitness so far (lower is better)",
     "darwinlm_search_seconds_since_progress": "gauge {namespace,name}: only while Running",
+    "darwinlm_search_progress_ratio": "gauge {namespace,name}: status.progress / 100",
+    "darwinlm_search_eta_seconds": "gauge {namespace,name}: status.eta in seconds, while it is set",
     "darwinlm_offspring_evaluated_total": "counter {namespace,name}",
     "darwinlm_generation_attempts_total": "counter {namespace,name}: finished generation-Job attempts",
     "darwinlm_generation_attempts_failed_total": "counter {namespace,name,reason}: the failed ones",

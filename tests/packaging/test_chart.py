@@ -311,6 +311,8 @@ def test_default_images_follow_app_version():
     (c,) = of_kind(render(), "Deployment")[0]["spec"]["template"]["spec"]["containers"]
     assert c["image"] == f"ghcr.io/darwinlm/darwinlm-operator:{app}"
     assert {e["name"]: e.get("value") for e in c["env"]}["DARWINLM_JOB_IMAGE"] == f"ghcr.io/darwinlm/darwinlm-job:{app}"
+    # warm generation Jobs by default (bench/README.md: warm Jobs)
+    assert {e["name"]: e.get("value") for e in c["env"]}["DARWINLM_GENERATIONS_PER_JOB"] == "0"
 
 
 def test_service_monitor_scrapes_the_metrics_service():

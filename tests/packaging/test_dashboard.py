@@ -22,7 +22,8 @@ SCOPED = {"darwinlm_search_generation", "darwinlm_search_generations_total_plann
           "darwinlm_search_best_fitness", "darwinlm_offspring_evaluated_total",
           "darwinlm_generation_attempts_total", "darwinlm_generation_attempts_failed_total",
           "darwinlm_gpu_seconds_total",
-          "darwinlm_database_build_seconds", "darwinlm_search_seconds_since_progress"}
+          "darwinlm_database_build_seconds", "darwinlm_search_seconds_since_progress",
+          "darwinlm_search_progress_ratio", "darwinlm_search_eta_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_template_variables(dash):
 
 def test_required_panels(dash):
     titles = {p["title"] for p in dash["panels"]}
-    for wanted in ("Searches by phase", "Generation progress", "Best fitness over time",
+    for wanted in ("Searches by phase", "Generation progress", "ETA", "Best fitness over time",
                    "Offspring throughput", "Generation Job failures by reason", "Job duration p50 / p95",
                    "GPU-hours per search", "Database build time"):
         assert wanted in titles
