@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from darwinlm.core.plan import KINDS, Task, all_tasks, done_key, is_done, next_tasks, stopped_after
+from darwinlm.core.plan import KINDS, Task, all_tasks, is_done, next_tasks, stopped_after
 from darwinlm.errors import PeerFailure, PlanError, WorldConfigError
 from darwinlm.store import layout, open_store
 
