@@ -317,7 +317,7 @@ def stage_step(a) -> dict:
     import torch
 
     from bench.evaluator import ensure_database
-    from darwinlm.llm.train import make_optimizer, train_step
+    from darwinlm.llm.train import finetune, make_optimizer
 
     ws = _workspace(a.spec)
     spec = ws.spec
@@ -329,26 +329,28 @@ def stage_step(a) -> dict:
     T = spec.data.seq_len
     warm, steps = (2, 3) if a.tiny else (5, 20)
     chunks = _full_chunks(ws.search_pools.finetune, T, warm + steps)
-    cd = spec.model.compute_dtype
-    for c in chunks[:warm]:
-        train_step(model, [c], opt, cd)
+    cd, ft = spec.model.compute_dtype, spec.search.finetune
+    finetune(model, chunks[:warm], ft, cd, opt=opt)  # the evaluator's call: batch_size chunks per step
     _sync()
     t0 = time.perf_counter()
-    for c in chunks[warm:]:
-        train_step(model, [c], opt, cd)
+    finetune(model, chunks[warm:], ft, cd, opt=opt)
     _sync()
-    dt = (time.perf_counter() - t0) / steps
-    tokens = int(sum(int(c.numel()) for c in chunks[warm:]) / steps)
+    n_steps = -(-steps // ft.batch_size)
+    dt = (time.perf_counter() - t0) / n_steps
+    tokens = sum(int(c.numel()) for c in chunks[warm:]) / n_steps
     lin, attn = _matmul_flops_per_token(model)
-    flops = 6 * lin * tokens + 6 * attn * tokens**2  # matmuls + causal QK^T and AV (2·T²·d fwd), fwd+bwd = 3x
-    out = {"device": str(next(model.parameters()).device), "seq_len": T, "tokens_per_step": tokens,
+    # matmuls (6 FLOPs per weight and token: forward 2, backward 4) + causal QK^T and AV (forward 2·T²·d per
+    # chunk, x3 with backward); per step
+    flops = (6 * lin * tokens * n_steps + 6 * attn * sum(int(c.numel()) ** 2 for c in chunks[warm:])) / n_steps
+    out = {"device": str(next(model.parameters()).device), "seq_len": T, "batch_size": ft.batch_size,
+           "tokens_per_step": tokens,
            "step_s": dt, "tokens_per_s": tokens / dt, "linear_params": lin, "flops_per_step": flops,
            "achieved_tflops": flops / dt / 1e12, "fused_adamw": bool(opt.defaults.get("fused")),
            "optimizer_state_device": _state_device(opt)}
     if torch.cuda.is_available():
         peak = peak_flops(torch.cuda.get_device_name(0))
         out.update(peak_tflops=peak and peak / 1e12, mfu=peak and flops / dt / peak,
-                   **_profile(lambda c: train_step(model, [c], opt, cd), chunks[warm:warm + 3]))
+                   **_profile(lambda cs: finetune(model, cs, ft, cd, opt=opt), chunks[warm:warm + 3]))
     return out
 
 
@@ -360,16 +362,15 @@ def _state_device(opt) -> str | None:
     return None
 
 
-def _profile(step, chunks) -> dict:
-    """torch.profiler over a few steps: GPU kernel time / wall time, and kernels per step."""
+def _profile(steps, chunks) -> dict:
+    """torch.profiler over ``steps(chunks)`` (one step per chunk): GPU kernel time / wall, kernels per step."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     _sync()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for c in chunks:
-            step(c)
+        steps(chunks)
         _sync()
     wall = time.perf_counter() - t0
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
