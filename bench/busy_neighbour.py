@@ -54,6 +54,68 @@ def _task(spec_file: Path, tasks: list[str], policy: dict) -> float:
     return time.perf_counter() - t0
 
 
+def worker(spec_file: str) -> int:
+    """``--worker``: load the quick example once, then time one candidate evaluation per line read from stdin.
+
+    The evaluation is the library's (``search.Evaluator``, cold, the spec's fine-tune settings) of the uniform
+    genome on the last stage's budget (fine-tune and fitness tokens), the unit a generation is made of."""
+    from darwinlm.core.rng import derive_rng
+    from darwinlm.llm.data import sample_at_least, sample_exact
+    from darwinlm.run.search import Evaluator
+    from darwinlm.run.workspace import Workspace
+    from darwinlm.spec import load_spec
+
+    import torch
+
+    ws = Workspace(load_spec(spec_file))
+    spec, last = ws.spec, ws.spec.search.selection[-1]
+    genome = ws.uniform_genome()
+    train = sample_at_least(ws.search_pools.finetune, last.finetune_tokens, derive_rng(spec.seed, "busy", 0))
+    fit = sample_exact(ws.search_pools.calibration, last.fitness_tokens, derive_rng(spec.seed, "busy", 1))
+    for c in fit:
+        ws.teacher.get(c)  # the teacher cache is warm in a running search
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    for _ in sys.stdin:
+        ev = Evaluator(ws.builder, ws.teacher, spec.search, spec.model.compute_dtype, warm_start=False)
+        t0 = time.perf_counter()
+        score = ev(genome, train, fit)
+        print(json.dumps({"seconds": time.perf_counter() - t0, "fitness": score}), flush=True)
+    return 0
+
+
+def _start_worker(spec_file: Path, policy: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEAN}
+    env.update(POLICIES[policy], HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file)], env=env,
+                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line or not json.loads(line).get("ready"):
+        raise SystemExit(f"worker {policy} did not start")
+    return p
+
+
+def measure_evaluation(workers: dict, policy: str, busy: bool, repeat: int) -> dict:
+    """``repeat`` evaluations by ``policy``'s worker (the others wait on stdin, idle), with or without the hog."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    load0 = os.getloadavg()[0]
+    times, scores = [], []
+    try:
+        for _ in range(repeat):
+            w = workers[policy]
+            w.stdin.write("go\n")
+            w.stdin.flush()
+            r = json.loads(w.stdout.readline())
+            times.append(r["seconds"])
+            scores.append(r["fitness"])
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    return {"policy": policy, "busy": busy, "generation_s": round(sum(times), 3), "evaluations_s": times,
+            "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2), "state": scores}
+
+
 def measure(spec_file: Path, store, policy: str, busy: bool) -> dict:
     from darwinlm.store import layout
 
@@ -79,8 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--offspring", type=int, default=None, help="offspring (default: the spec's 8)")
     ap.add_argument("--rounds", type=int, default=2, help="measurements per cell (interleaved)")
     ap.add_argument("--policies", default="old,new", help=f"comma-separated, of {', '.join(POLICIES)}")
+    ap.add_argument("--mode", choices=("generation", "evaluation"), default="generation",
+                    help="generation: generation 0 in a fresh process per run; evaluation: one loaded process per "
+                         "policy times --repeat candidate evaluations per run (seconds instead of minutes on a "
+                         "loaded machine)")
+    ap.add_argument("--repeat", type=int, default=2, help="evaluations per run (--mode evaluation)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
 
     from darwinlm.core.plan import all_tasks
     from darwinlm.spec import load_spec, spec_to_dict, with_overrides
@@ -98,19 +168,27 @@ def main(argv=None) -> int:
     pre = [t.name for phase in all_tasks(spec) for t in phase if t.kind in ("database", "sensitivity")]
     print(f"phases before the search (untimed): {pre}", flush=True)
     _task(spec_file, pre, {})
+    workers = {p: _start_worker(spec_file, p) for p in policies} if args.mode == "evaluation" else {}
     runs = []
     for r in range(args.rounds):
         for busy in ((False, True) if r % 2 == 0 else (True, False)):
             for policy in (policies if (r + busy) % 2 == 0 else policies[::-1]):
-                m = measure(spec_file, store, policy, busy)
+                if workers:
+                    m = measure_evaluation(workers, policy, busy, args.repeat)
+                else:
+                    m = measure(spec_file, store, policy, busy)
                 runs.append(m)
                 if args.json:  # after every run: a cut run keeps what it measured
                     Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
-                print(f"round {r + 1} {policy:>8} {'busy' if busy else 'quiet':>5}: generation {m['generation_s']:.1f}s "
-                      f"(wall {m['wall_s']:.1f}s, load {m['load_before']}->{m['load_after']})", flush=True)
+                print(f"round {r + 1} {policy:>8} {'busy' if busy else 'quiet':>5}: {m['generation_s']:.1f}s "
+                      f"(load {m['load_before']}->{m['load_after']})", flush=True)
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
     spec_file.unlink()
     out = summarise(runs, policies)
-    out.update(spec=spec.name, offspring=spec.search.offspring, cpus=os.cpu_count(), rounds=args.rounds, runs=runs)
+    out.update(spec=spec.name, mode=args.mode, offspring=spec.search.offspring, cpus=os.cpu_count(),
+               rounds=args.rounds, runs=runs)
     print(table(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
@@ -137,7 +215,7 @@ def table(out: dict) -> str:
         q, b = c[f"{p}/quiet"]["mean_s"], c[f"{p}/busy"]["mean_s"]
         oq, ob = (c[f"old/quiet"]["mean_s"], c[f"old/busy"]["mean_s"]) if "old/quiet" in c else (q, b)
         lines.append(f"| {p} | {q:.1f} | {b:.1f} | {b / q:.2f} | {q / oq:.3f} | {b / ob:.3f} |")
-    lines.append(f"generation states identical across all runs: {out['identical_states']}; "
+    lines.append(f"results identical across all runs: {out['identical_states']}; "
                  f"load average {out['load_range'][0]}-{out['load_range'][1]} on {out['cpus']} CPUs")
     return "\n".join(lines)
 

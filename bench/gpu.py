@@ -33,9 +33,17 @@ over is killed, the others still run; a stage's failure is recorded, not fatal):
 Further shapes of ``--shape a,b`` (default: llama-1b after smollm2-135m) get the evaluator's baseline and fast
 paths, run after stage 4 (``shrunk``), with at most ``CAPS["extra"]`` seconds each.
 
-Output (``--out``, default ``$OUT`` or bench/results/gpu-<shape>-<time>): ``gpu.json`` (everything),
-``gpu.md`` (the tables), ``gpu.log`` (every stage's output) and ``results.tgz`` (all files, the stage JSONs
-included), all rewritten after every stage, so a run cut at its time limit still returns what it finished.
+Output (``--out``, default ``$OUT`` or bench/results/gpu-<shape>-<time>): four files, ``gpu.json``
+(everything), ``gpu.md`` (the tables), ``gpu.log`` (every stage's output) and ``results.tgz`` (those and
+every stage's JSON and spec), all rewritten after every stage, so a run cut at its time limit still returns
+what it finished. Models, specs and stores go to ``--work`` (a temporary folder), never to ``--out``.
+
+On a machine without the provisioned cache (the GPU test machine), pack what it needs first (~9 MiB: the
+SmolLM2 config and tokenizer, the Brown text; no weights) into a git-ignored folder that travels with the
+tree, and point the run at it::
+
+    .venv/bin/python -m bench.gpu --pack .gpu-assets
+    PYTHONPATH=. python -m bench.gpu --tokenizer .gpu-assets/model --text .gpu-assets/text --out $OUT
 
 The machine may lack ``datasets`` (GPU.md): darwinlm reads ``format: text`` corpora without it.
 """
@@ -50,6 +58,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,12 +105,12 @@ TINY_PAPER = {**TINY_QUICK, "search.offspring": 4,
 class Run:
     """The output folder, the budget and the results; rewrites gpu.json/gpu.md/results.tgz after each stage."""
 
-    def __init__(self, out: Path, budget: float, tiny: bool, *, in_process: bool = False):
-        self.out, self.budget, self.tiny, self.in_process = out, budget, tiny, in_process
-        self.work = out / "work"
+    def __init__(self, out: Path, work: Path, budget: float, tiny: bool, *, in_process: bool = False):
+        self.out, self.work, self.budget, self.tiny, self.in_process = out, work, budget, tiny, in_process
         self.t0 = time.monotonic()
-        self.results: dict = {"budget_s": budget, "tiny": tiny, "stages": {}}
-        self.work.mkdir(parents=True, exist_ok=True)
+        self.results: dict = {"budget_s": budget, "tiny": tiny, "work": str(work), "stages": {}}
+        (work / "stages").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "gpu.log").write_text("")
 
     def left(self) -> float:
@@ -120,7 +129,7 @@ class Run:
             self.results["stages"][name] = {"status": "skipped", "reason": "no time left"}
             self.log(f"{name}: skipped (budget spent)")
             return None
-        res_file = self.work / f"{name}.json"
+        res_file = self.work / "stages" / f"{name}.json"
         res_file.unlink(missing_ok=True)
         t0 = time.monotonic()
         self.log(f"{name}: start (limit {timeout:.0f}s)")
@@ -156,12 +165,14 @@ class Run:
         self.results["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         (self.out / "gpu.json").write_text(json.dumps(self.results, indent=1, default=str))
         (self.out / "gpu.md").write_text(render(self.results))
-        tmp = self.out / "results.tgz.tmp"
+        # four files in --out (a GPU machine returns at most 8); the tar adds every stage's JSON and the specs
+        tmp = self.work / "results.tgz"
         with tarfile.open(tmp, "w:gz") as tar:
-            for p in sorted(self.out.rglob("*")):
-                if p.is_file() and p.suffix in (".json", ".md", ".log", ".txt") and "store" not in p.parts:
-                    tar.add(p, arcname=str(p.relative_to(self.out)))
-        tmp.replace(self.out / "results.tgz")
+            for name in ("gpu.json", "gpu.md", "gpu.log"):
+                tar.add(self.out / name, arcname=name)
+            for p in sorted([*self.work.glob("stages/*.json"), *self.work.glob("*.json")]):
+                tar.add(p, arcname=str(p.relative_to(self.work)))
+        shutil.copyfile(tmp, self.out / "results.tgz")
 
 
 def _in_process(argv: list[str]) -> tuple[str, str]:
@@ -627,9 +638,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="HF folder with the tokenizer (and the config the shapes start from)")
     ap.add_argument("--text", default=str(CACHE / "text" / "brown"), help="text corpus with train/ and heldout/")
     ap.add_argument("--offspring", type=int, default=None, help="evaluator offspring (default: the paper's 16)")
+    ap.add_argument("--pack", metavar="DIR", default=None,
+                    help="copy the tokenizer/config files of --tokenizer and the --text corpus into DIR/model and "
+                         "DIR/text (a few MB, for a machine without the provisioned cache), then exit")
     ap.add_argument("--stage", choices=sorted(STAGE_FNS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help="folder for the models, specs and stores (default: a new temporary "
+                                                 "folder; never inside --out: weights must not come back)")
     ap.add_argument("--paths", default="baseline,faithful,fast", help=argparse.SUPPRESS)
     ap.add_argument("--result-json", help=argparse.SUPPRESS)
     return ap
@@ -649,6 +664,21 @@ def run_stage(a) -> int:
     return 0
 
 
+def pack(dst: Path, tokenizer: Path, text: Path) -> int:
+    """The few MB a GPU machine needs instead of the provisioned cache: config, tokenizer, text (no weights)."""
+    (dst / "model").mkdir(parents=True, exist_ok=True)
+    keep = [f for f in tokenizer.iterdir() if f.is_file() and f.suffix != ".safetensors"
+            and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                 or f.name in ("config.json", "generation_config.json"))]
+    for f in keep:
+        shutil.copy2(f, dst / "model" / f.name)
+    for sub in ("train", "heldout"):
+        shutil.copytree(text / sub, dst / "text" / sub, dirs_exist_ok=True)
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+    print(f"packed {len(keep)} model files and {text} into {dst} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _extra_shape(run: Run, common: list[str], shape: str, cap: float) -> None:
     """Another shape: its model, then the evaluator's baseline and fast paths at the paper schedule."""
     extra = run.stage(f"setup-{shape}", common + ["--stage", "setup", "--shape", shape], 120)
@@ -664,11 +694,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         _parser().error(f"unknown shape(s)/stage(s) {bad}")
     a.shape = shapes[0]
+    a.tokenizer, a.text = (str(Path(x).expanduser().resolve()) for x in (a.tokenizer, a.text))
     if a.stage:
         return run_stage(a)
+    if a.pack:
+        return pack(Path(a.pack), Path(a.tokenizer).expanduser(), Path(a.text).expanduser())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(a.out or os.environ.get("OUT") or REPO / "bench" / "results" / f"gpu-{a.shape}-{stamp}").resolve()
-    run = Run(out, a.budget or (900.0 if a.tiny else 450.0), a.tiny, in_process=a.tiny and not a.isolate)
+    work = Path(a.work or tempfile.mkdtemp(prefix="darwinlm-gpu-")).resolve()  # models and stores: not in --out
+    run = Run(out, work, a.budget or (900.0 if a.tiny else 450.0), a.tiny, in_process=a.tiny and not a.isolate)
     caps = TINY_CAPS if a.tiny else CAPS
     common = ["-m", "bench.gpu", "--tokenizer", a.tokenizer, "--text", a.text, "--work", str(run.work)]
     common += ["--tiny"] if a.tiny else []

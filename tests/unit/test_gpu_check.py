@@ -17,11 +17,18 @@ import tarfile
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+# Not on the GPU test machine (GPU.md): every process of the check (the stages' ``darwinlm task`` ranks
+# included) sees them as missing, through a sitecustomize on PYTHONPATH.
+ABSENT = ("datasets", "dill", "multiprocess", "boto3", "botocore", "kopf", "kubernetes", "gguf")
+
+
 def test_gpu_check_tiny_on_cpu(tiny_assets, tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out, site = tmp_path / "out", tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({ABSENT!r}))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
     r = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--tokenizer", str(tiny_assets / "model"),
-                        "--text", str(tiny_assets / "text"), "--out", str(out)],
+                        "--text", str(tiny_assets / "text"), "--out", str(out), "--work", str(tmp_path / "work")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = (out / "gpu.log").read_text() if (out / "gpu.log").exists() else ""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + log[-5000:]
@@ -33,6 +40,7 @@ def test_gpu_check_tiny_on_cpu(tiny_assets, tmp_path):
         return res["stages"][name]["result"]
 
     assert result("setup")["environment"]["device"] == "cpu"
+    assert result("setup")["environment"]["datasets"] is None  # the sitecustomize took effect
     rows = result("evaluator")["rows"]
     assert set(rows) == {"baseline", "faithful", "fast"}
     assert rows["faithful"]["max_rel_diff_vs_baseline"] < 1e-4  # tolerances of bench/evaluator.py
@@ -52,5 +60,6 @@ def test_gpu_check_tiny_on_cpu(tiny_assets, tmp_path):
     assert dist["identical"] is True
     md = (out / "gpu.md").read_text()
     assert "## evaluator" in md and "identical generation states" in md
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.log", "gpu.md", "results.tgz"]  # ≤ 8 files
     with tarfile.open(out / "results.tgz") as tar:
-        assert {"gpu.json", "gpu.md", "gpu.log"} <= set(tar.getnames())
+        assert {"gpu.json", "gpu.md", "gpu.log", "stages/evaluator.json", "stages/distributed.json"} <= set(tar.getnames())
