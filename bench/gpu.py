@@ -23,15 +23,17 @@ over is killed, the others still run; a stage's failure is recorded, not fatal):
    fused AdamW) timed alone: tokens/s, achieved TFLOP/s, MFU against the device's bf16 peak, and from the
    torch profiler the share of the step the GPU is busy (1 − that share is launch/CPU overhead).
 4. ``shrunk``: ``bench/shrunk_speed.py`` in bf16 at batch 8 × 2048 (compute bound): shrunk vs dense vs ideal.
-5. ``quick``: examples/smollm2-quick.yaml end to end on the device (database → sensitivity → search →
-   post-train → export → evaluate), the wall time of every phase.
-6. ``distributed``: generation 0 of the quick spec as W=1 and as W=2 ranks (``darwinlm task``, torch.distributed;
-   NCCL as the library picks on CUDA, Gloo if NCCL cannot start two ranks on one GPU): the states must be identical.
-7. ``database``: the layer database's parts: Hessians (one dense pass over all blocks, on the device) and
+5. ``database``: the layer database's parts: Hessians (one dense pass over all blocks, on the device) and
    OBS per layer kind.
+6. ``quick``: examples/smollm2-quick.yaml end to end on the device (database → sensitivity → search →
+   post-train → export → evaluate), the wall time of every phase.
+7. ``distributed``: generation 0 of the quick spec as W=1 and as W=2 ranks (``darwinlm task``, torch.distributed;
+   NCCL as the library picks on CUDA, Gloo if NCCL cannot start two ranks on one GPU): the states must be identical.
 
-Further shapes of ``--shape a,b`` (default: llama-1b after smollm2-135m) get the evaluator's baseline and fast
-paths, run after stage 4 (``shrunk``), with at most ``CAPS["extra"]`` seconds each.
+Further shapes of ``--shape a,b`` (default: llama-1b after smollm2-135m): their model and paper-spec layer
+database are built in the background (``prebuild``, half the CPU cores: OBS runs on the CPU) from the end of
+stage 5, so that work overlaps only stages 6-7; then the evaluator's baseline and fast paths run on them, with
+at most ``CAPS["extra"]`` seconds each.
 
 Output (``--out``, default ``$OUT`` or bench/results/gpu-<shape>-<time>): four files, ``gpu.json``
 (everything), ``gpu.md`` (the tables), ``gpu.log`` (every stage's output) and ``results.tgz`` (those and
@@ -79,7 +81,7 @@ TINY_SHAPE = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2
 
 # Stage time caps (seconds) on the GPU; the budget left caps them further. Order = priority (further shapes'
 # evaluator runs after the first three).
-STAGES = ("evaluator", "step", "shrunk", "quick", "distributed", "database")
+STAGES = ("evaluator", "step", "shrunk", "database", "quick", "distributed")
 CAPS = {"evaluator": 170, "step": 45, "shrunk": 50, "quick": 110, "distributed": 80, "database": 50, "extra": 170}
 TINY_CAPS = {k: 240 for k in CAPS}
 
@@ -541,8 +543,19 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-STAGE_FNS = {"setup": stage_setup, "evaluator": stage_evaluator, "step": stage_step, "shrunk": stage_shrunk,
-             "quick": stage_quick, "database": stage_database, "distributed": stage_distributed}
+def stage_prebuild(a) -> dict:
+    """A shape's model, specs and paper-spec layer database (for its evaluator stage later)."""
+    from bench.evaluator import ensure_database
+
+    res = stage_setup(a)
+    t0 = time.perf_counter()
+    ensure_database(_workspace(res["specs"]["paper"]))
+    res["database_s"] = time.perf_counter() - t0
+    return res
+
+
+STAGE_FNS = {"setup": stage_setup, "prebuild": stage_prebuild, "evaluator": stage_evaluator, "step": stage_step,
+             "shrunk": stage_shrunk, "quick": stage_quick, "database": stage_database, "distributed": stage_distributed}
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -682,12 +695,39 @@ def pack(dst: Path, tokenizer: Path, text: Path) -> int:
     return 0
 
 
-def _extra_shape(run: Run, common: list[str], shape: str, cap: float) -> None:
-    """Another shape: its model, then the evaluator's baseline and fast paths at the paper schedule."""
-    extra = run.stage(f"setup-{shape}", common + ["--stage", "setup", "--shape", shape], 120)
-    if extra is not None:
+def _prebuild(run: Run, common: list[str], shape: str) -> tuple[subprocess.Popen, Path]:
+    """Start building another shape's model and layer database in the background (CPU-bound OBS on half the
+    cores) while the first shape's later stages run; ``_extra_shape`` waits for it."""
+    res = run.work / "stages" / f"prebuild-{shape}.json"
+    env = _env()
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    log = open(run.work / f"prebuild-{shape}.log", "w")
+    run.log(f"prebuild-{shape}: started in the background")
+    proc = subprocess.Popen([sys.executable, *common, "--stage", "prebuild", "--shape", shape, "--result-json", str(res)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, res
+
+
+def _extra_shape(run: Run, common: list[str], shape: str, job: tuple[subprocess.Popen, Path], cap: float) -> None:
+    """Another shape: wait for its prebuild, then the evaluator's baseline and fast paths at the paper schedule."""
+    proc, res = job
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=max(1.0, run.left() - 30))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    ok = proc.returncode == 0 and res.exists()
+    log = (run.work / f"prebuild-{shape}.log").read_text()
+    run.results["stages"][f"prebuild-{shape}"] = {
+        "status": "ok" if ok else f"failed (exit {proc.returncode})", "waited_s": round(time.monotonic() - t0, 1),
+        "result": json.loads(res.read_text()) if ok else None, **({} if ok else {"output_tail": log[-4000:]})}
+    run.log(f"prebuild-{shape}: {'ok' if ok else 'failed'} (waited {time.monotonic() - t0:.1f}s)")
+    run.save()
+    if ok:
+        spec = json.loads(res.read_text())["specs"]["paper"]
         run.stage(f"evaluator-{shape}", common + ["--stage", "evaluator", "--shape", shape, "--paths", "baseline,fast",
-                                                  "--spec", extra["specs"]["paper"]], cap)
+                                                  "--spec", spec], cap)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,13 +756,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     specs = setup["specs"]
     chosen = [s for s in STAGES if s in a.stages.split(",")]
-    for name in chosen[:3] + ["extra"] + chosen[3:]:  # further shapes' evaluator after the Must-show stages
-        if name == "extra":
-            for shape in shapes[1:]:
-                _extra_shape(run, common, shape, caps["extra"])
-            continue
+    jobs = {}
+    for name in chosen:
         spec = specs["quick"] if name in ("quick", "database", "distributed") else specs["paper"]
         run.stage(name, common + ["--stage", name, "--shape", a.shape, "--spec", spec], caps[name])
+        if name == "database" or (name == chosen[-1] and not jobs):
+            # after the timed database stage: the other shapes' OBS (CPU) overlaps only quick and distributed
+            jobs = {shape: _prebuild(run, common, shape) for shape in shapes[1:]}
+    for shape, job in jobs.items():
+        _extra_shape(run, common, shape, job, caps["extra"])
     run.log(f"done: {out}/gpu.json, gpu.md, gpu.log, results.tgz")
     run.save()
     print(render(run.results))

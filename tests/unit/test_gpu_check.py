@@ -28,13 +28,16 @@ def test_gpu_check_tiny_on_cpu(tiny_assets, tmp_path):
     (site / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({ABSENT!r}))\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
     r = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--tokenizer", str(tiny_assets / "model"),
-                        "--text", str(tiny_assets / "text"), "--out", str(out), "--work", str(tmp_path / "work")],
+                        "--text", str(tiny_assets / "text"), "--out", str(out), "--work", str(tmp_path / "work"),
+                        "--shape", "smollm2-135m,llama-1b"],  # a second shape: the background prebuild path
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = (out / "gpu.log").read_text() if (out / "gpu.log").exists() else ""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + log[-5000:]
     res = json.loads((out / "gpu.json").read_text())
     st = {k: v["status"] for k, v in res["stages"].items()}
-    assert st == {k: "ok" for k in ("setup", "evaluator", "step", "shrunk", "quick", "distributed", "database")}
+    assert st == {k: "ok" for k in ("setup", "evaluator", "step", "shrunk", "database", "quick", "distributed",
+                                    "prebuild-llama-1b", "evaluator-llama-1b")}
+    assert set(res["stages"]["evaluator-llama-1b"]["result"]["rows"]) == {"baseline", "fast"}
 
     def result(name):
         return res["stages"][name]["result"]
