@@ -19,6 +19,16 @@ import wrapt as _wrapt
 # the environment turns it off.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+# OpenMP threads that wait sleep at once instead of spinning. torch runs one OpenMP thread per core, and its
+# threads wait for each other at the end of every parallel region; libgomp's default is to spin first
+# (GOMP_SPINCOUNT 300,000). When another process takes one of the cores, the spinning thread burns the time
+# slice its descheduled partner needs: one busy single-threaded neighbour made a quick-example generation
+# several times slower (bench/README.md, busy-neighbour). libgomp reads this when torch loads it, so it is set
+# here, before any darwinlm module imports torch (it has no effect when torch was imported first). Setting
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment overrides it (GOMP_SPINCOUNT=300000: the old default).
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 from .version import __version__  # noqa: E402
 
 

@@ -2,9 +2,10 @@
 
 Why this module exists: every phase samples from fixed token pools (ALGORITHM.md §2.2, §3.4): the
 calibration pool feeds the database Hessians and the fitness minibatches, the fine-tune pool feeds the
-in-fitness training and post-training, the held-out pool is only ever evaluated. Text comes through
-``datasets`` (local text/json/parquet files, or a hub id when online) so users can point a spec at
-their own corpus.
+in-fitness training and post-training, the held-out pool is only ever evaluated. Plain-text corpora
+(``format: text``, one document per file) are read directly; json/parquet files and hub ids come through
+``datasets``, imported only for them, so a machine without ``datasets`` (the GPU test machine) runs every
+text spec, the examples included, with the same documents.
 
 Determinism and disjointness: a document goes to a pool by the sha256 of its text (not by its position),
 so pools never overlap and do not change when files are reordered. Pools do not depend on the search
@@ -21,7 +22,6 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-import datasets
 import numpy as np
 import torch
 
@@ -71,22 +71,40 @@ def _files(path: str, exts: Sequence[str]) -> list[str]:
 
 
 def load_documents(source, field_path: str = "data.train") -> list[str]:
-    """Load the documents of one ``SourceSpec`` through ``datasets``, in a stable order."""
+    """Load the documents of one ``SourceSpec`` in a stable order (``datasets`` for json, parquet and hub)."""
     fmt = source.format
+    if fmt == "text":
+        return _text_documents(source, field_path)
+    import datasets  # only here: plain-text corpora do not need it
+
     if fmt == "hub":
         ds = datasets.load_dataset(source.path, source.subset, split=source.split)
     else:
-        exts = {"text": (".txt", ".text", ".md", ".rst"), "json": (".json", ".jsonl"), "parquet": (".parquet",)}[fmt]
+        exts = {"json": (".json", ".jsonl"), "parquet": (".parquet",)}[fmt]
         files = _files(source.path, exts)
         if not files:
             raise SpecError([(f"{field_path}.path", f"no {fmt} files found at {source.path!r}")])
-        if fmt == "text":
-            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
-        else:
-            ds = datasets.load_dataset(fmt, data_files=files, split="train")
+        ds = datasets.load_dataset(fmt, data_files=files, split="train")
     if source.text_field not in ds.column_names:
         raise SpecError([(f"{field_path}.text_field", f"column {source.text_field!r} not in {ds.column_names}")])
     docs = [t for t in ds[source.text_field] if isinstance(t, str) and t.strip()]
+    log.info("loaded %d documents from %s", len(docs), source.path)
+    return docs
+
+
+def _text_documents(source, field_path: str) -> list[str]:
+    """One document per file, the whole file as UTF-8 text with universal newlines: exactly what
+    ``datasets.load_dataset("text", sample_by="document")`` returns (tests/unit/test_data.py compares them)."""
+    files = _files(source.path, (".txt", ".text", ".md", ".rst"))
+    if not files:
+        raise SpecError([(f"{field_path}.path", f"no text files found at {source.path!r}")])
+    if source.text_field != "text":
+        raise SpecError([(f"{field_path}.text_field", f"column {source.text_field!r} not in ['text']")])
+    docs = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            docs.append(fh.read())
+    docs = [t for t in docs if t.strip()]
     log.info("loaded %d documents from %s", len(docs), source.path)
     return docs
 

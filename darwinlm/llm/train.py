@@ -28,16 +28,19 @@ __all__ = ["ColumnMask", "finetune", "make_optimizer", "posttrain", "train_step"
 
 
 class ColumnMask:
-    """Zero gradients and values of removed input columns (``mode: mask``). {param: bool[d_col]}."""
+    """Zero gradients and values of removed input columns (``mode: mask``). {param: bool[d_col]}.
+
+    The masks live on their parameter's device, and ``apply`` is a masked fill (no boolean indexing, which
+    would wait for the GPU to count the columns at every step)."""
 
     def __init__(self, masks: dict[torch.nn.Parameter, torch.Tensor]):
-        self.masks = masks
-        self._hooks = [p.register_hook(lambda g, m=m: g.masked_fill(m.to(g.device), 0.0)) for p, m in masks.items()]
+        self.masks = {p: m.to(p.device) for p, m in masks.items()}
+        self._hooks = [p.register_hook(lambda g, m=m: g.masked_fill(m, 0.0)) for p, m in self.masks.items()]
 
     @torch.no_grad()
     def apply(self) -> None:
         for p, m in self.masks.items():
-            p[:, m.to(p.device)] = 0.0
+            p.masked_fill_(m, 0.0)  # [d_row, d_col] with m [d_col] broadcast over the rows
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -66,21 +69,31 @@ def make_optimizer(params, ft, *, fused: bool = False) -> torch.optim.Optimizer:
 
 
 def _batch(chunks: list[torch.Tensor], device):
-    """Right-padded batch; labels -100 on padding."""
+    """Right-padded batch; labels -100 on padding. On CUDA the batch is staged in pinned memory and copied
+    asynchronously (the copy is ordered before the step's kernels on the same stream)."""
     L = max(int(c.numel()) for c in chunks)
-    ids = torch.zeros(len(chunks), L, dtype=torch.int64)
-    labels = torch.full((len(chunks), L), -100, dtype=torch.int64)
-    att = torch.zeros(len(chunks), L, dtype=torch.int64)
+    pin = device.type == "cuda"
+    ids = torch.zeros(len(chunks), L, dtype=torch.int64, pin_memory=pin)  # [batch, L]
+    labels = torch.full((len(chunks), L), -100, dtype=torch.int64, pin_memory=pin)  # [batch, L]
+    att = torch.zeros(len(chunks), L, dtype=torch.int64, pin_memory=pin)  # [batch, L]
     for i, c in enumerate(chunks):
         ids[i, : c.numel()] = c
         labels[i, : c.numel()] = c
         att[i, : c.numel()] = 1
-    return ids.to(device), labels.to(device), att.to(device)
+    return tuple(t.to(device, non_blocking=pin) for t in (ids, labels, att))
 
 
 def train_step(model, chunks, opt, compute_dtype: str, *, teacher=None, distill: float = 0.0,
                temperature: float = 1.0, mask: ColumnMask | None = None) -> float:
     """One optimiser step on a list of chunks; returns the loss."""
+    return float(_step(model, chunks, opt, compute_dtype, teacher=teacher, distill=distill, temperature=temperature,
+                       mask=mask))
+
+
+def _step(model, chunks, opt, compute_dtype: str, *, teacher=None, distill: float = 0.0, temperature: float = 1.0,
+          mask: ColumnMask | None = None) -> torch.Tensor:
+    """``train_step`` returning the loss as a 0-d tensor on the model's device: no wait for the device, so
+    on a GPU the next step's kernels are queued while this one runs."""
     device = next(model.parameters()).device
     ids, labels, att = _batch(chunks, device)
     with autocast(device, compute_dtype):
@@ -99,7 +112,7 @@ def train_step(model, chunks, opt, compute_dtype: str, *, teacher=None, distill:
     opt.zero_grad(set_to_none=True)
     if mask is not None:
         mask.apply()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def finetune(model, chunks: list[torch.Tensor], ft, compute_dtype: str, *, mask: ColumnMask | None = None,
@@ -117,11 +130,11 @@ def finetune(model, chunks: list[torch.Tensor], ft, compute_dtype: str, *, mask:
     model.requires_grad_(True)
     if opt is None:
         opt = make_optimizer(model.parameters(), ft)
-    losses = [train_step(model, chunks[i : i + ft.batch_size], opt, compute_dtype, mask=mask)
+    losses = [_step(model, chunks[i : i + ft.batch_size], opt, compute_dtype, mask=mask)
               for i in range(0, len(chunks), ft.batch_size)]
     model.eval()
     model.requires_grad_(False)
-    return losses
+    return [float(x) for x in losses]  # one wait for the device, at the end
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -210,10 +223,15 @@ def _resume(model, opt, sched, store, prefix) -> int:
         t[alias] = t[src]
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     params = dict(model.named_parameters())
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    sd = opt.state_dict()
     for key, v in t.items():
         if key.startswith("opt."):
             pname, _, field = key[4:].rpartition(".")
-            opt.state[params[pname]][field] = v
+            sd["state"].setdefault(index[id(params[pname])], {})[field] = v
+    # through load_state_dict, not into opt.state: the checkpoint's tensors are CPU tensors, and it moves each
+    # moment to its parameter's device (``step`` too where the fused kernel wants it there)
+    opt.load_state_dict(sd)
     sched.load_state_dict(meta["scheduler"])
     for group, lr in zip(opt.param_groups, sched.get_last_lr()):
         group["lr"] = lr  # LambdaLR.load_state_dict does not touch the optimiser's current lr

@@ -126,10 +126,9 @@ class CandidateBuilder:
                     dst.copy_(src)
                 for i, sl in enumerate(sel):
                     ls = plan.get(i, LayerShrink())
-                    mask_columns(self.ad.o_proj(model, i).weight, head_rows(sl.heads, self.ad.head_dim, "cpu"),
-                                  ls.o_proj)
-                    mask_columns(self.ad.down_proj(model, i).weight, torch.tensor(sl.channels, dtype=torch.long),
-                                  ls.down_proj)
+                    o, d = self.ad.o_proj(model, i).weight, self.ad.down_proj(model, i).weight
+                    mask_columns(o, head_rows(sl.heads, self.ad.head_dim, o.device), ls.o_proj)
+                    mask_columns(d, torch.tensor(sl.channels, dtype=torch.long, device=d.device), ls.down_proj)
         model.requires_grad_(True)  # the base is frozen; the candidate trains
         masks = {}
         for i in range(self.ad.num_layers):

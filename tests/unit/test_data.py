@@ -50,3 +50,35 @@ def test_too_small_source_names_the_field(spec_and_tok, tiny_assets, tmp_path):
     with pytest.raises(SpecError) as e:
         build_pools(big.data, tok)
     assert e.value.first_path == "data.finetune_tokens"
+
+
+def test_text_documents_are_exactly_datasets_documents(spec_and_tok, tmp_path):
+    """format: text is read without ``datasets``, and gives exactly its documents (so the pools, their digests
+    and every layer database key stay what they were); CRLF files too (universal newlines in both)."""
+    datasets = pytest.importorskip("datasets")
+    from darwinlm.llm.data import load_documents
+
+    spec, _ = spec_and_tok
+    crlf = tmp_path / "crlf"
+    crlf.mkdir()
+    (crlf / "a.txt").write_bytes("line one\r\nline two é\r\n".encode())
+    (crlf / "b.md").write_bytes(b"  \n")  # blank: dropped by both
+    for src in (spec.data.train, spec.data.heldout, spec.data.train.__class__(path=str(crlf), format="text")):
+        files = sorted(str(p) for p in __import__("pathlib").Path(src.path).rglob("*")
+                       if p.suffix in (".txt", ".text", ".md", ".rst"))
+        ref = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")["text"]
+        assert load_documents(src) == [t for t in ref if t.strip()]
+
+
+def test_text_corpus_without_datasets(spec_and_tok, monkeypatch):
+    """The GPU test machine has no ``datasets``: a text spec's pools build all the same."""
+    import sys
+
+    spec, tok = spec_and_tok
+    want = build_pools(spec.data, tok)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ImportError):
+        import datasets  # noqa: F401
+    got = build_pools(spec.data, tok)
+    assert got.calibration.digest() == want.calibration.digest()
+    assert got.heldout.digest() == want.heldout.digest()
