@@ -112,7 +112,44 @@ def test_export_loads_with_stock_transformers_and_matches(finished, tmp_path):
     searched = [r for r in summary["rows"] if r["model"] == "searched"]
     from darwinlm.llm.adapter import adapter_for
 
-    assert all(r["nonembedding_params"] == adapter_for(loaded).nonembedding_param_count(loaded) for r in searched)
+    assert len(searched) == 2, summary["rows"]  # one-shot and post-trained
+    assert {r["nonembedding_params"] for r in searched} == {adapter_for(loaded).nonembedding_param_count(loaded)}
+
+
+def test_readme_load_snippet_in_a_fresh_interpreter(finished, tmp_path):
+    """The README's snippet, as a user runs it: a new Python process, only ``import darwinlm`` and stock
+    transformers (no trust_remote_code), pointed at the exported model; it loads and gives the logits of
+    the in-process model."""
+    import pathlib
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    snippet = next(b for b in blocks if "import darwinlm" in b and "from_pretrained" in b)
+    spec, ws = finished
+    model_dir = tmp_path / "model"
+    ws.store.get_dir("result/model", model_dir)
+    code = snippet.replace('"runs/searches/smollm2-quick/result/model"', repr(str(model_dir)))
+    assert code != snippet, "the snippet no longer loads runs/searches/smollm2-quick/result/model"
+    ids = torch.cat(list(ws.pools.heldout.chunks[:1]))[None, :32]
+    code += ("import torch, json\n"
+             f"ids = torch.tensor({ids.tolist()})\n"
+             "with torch.no_grad():\n"
+             "    out = model(input_ids=ids).logits\n"
+             "print(json.dumps({'type': type(model).__name__, 'logits': out[0, -1, :8].tolist()}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        want = loaded(input_ids=ids).logits[0, -1, :8]
+    assert got["type"] == type(loaded).__name__
+    torch.testing.assert_close(torch.tensor(got["logits"]), want, atol=1e-5, rtol=0)
 
 
 def test_shrunk_equals_masked_one_shot(finished):
