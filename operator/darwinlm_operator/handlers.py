@@ -41,6 +41,7 @@ from .conditions import parse_timestamp
 from .kspec import JobDefaults, KubeSpec, load_psearch
 from .metrics import Metrics
 from .reconcile import Decision, as_manifest, decide, job_outcome, status_patch
+from .status import credentials_invalid
 from .render import LABEL_MANAGED_BY, LABEL_SEARCH, LABEL_SEARCH_UID, MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,23 @@ class Kube:
 
 # ------------------------------------------------------------------------------ one reconcile
 
+_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken")
+
+
+def _credentials_problem(cr: dict, exc: Exception) -> str | None:
+    """What is wrong with the search's S3 credentials, naming the Secret and its keys (never a value);
+    None when ``exc`` is not about them (e.g. an outage: retried without a status change)."""
+    if isinstance(exc, CredentialsError):
+        return str(exc)
+    code = next((c for c in _REFUSED if c in str(exc)), None)
+    ref = (((cr.get("spec") or {}).get("s3") or {}).get("secretRef") or {})
+    if code is None or not ref.get("name"):
+        return None
+    keys = (ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"), ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
+    return (f"S3 refused the credentials of Secret {cr['metadata']['namespace']}/{ref['name']} "
+            f"(keys {keys[0]!r}, {keys[1]!r}; spec.s3.secretRef): {code}")
+
+
 def _store_view(kube: Kube, cr: dict, memo: dict, stores: StoreCache) -> StoreView | None:
     """The search's store as the operator reads it; None when the spec is invalid (decide says why)
     or the search is being deleted (nothing is decided then, and its Secret may be gone already)."""
@@ -190,8 +208,25 @@ def reconcile_once(kube: Kube, ns: str, name: str, memo: dict, now: _dt.datetime
         return None
     jobs = kube.list_jobs(ns, name)
     pods = kube.list_pods(ns, cr["metadata"]["uid"]) if _needs_pods(cr, jobs, now) else []
-    decision = decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores),
-                      now or _dt.datetime.now(_dt.timezone.utc), defaults=op.config.job_defaults)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    try:
+        try:
+            decision = decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores), now,
+                              defaults=op.config.job_defaults)
+        except StoreError as e:
+            if _credentials_problem(cr, e) is None:
+                raise
+            op.stores.forget_credentials()  # refused: perhaps rotated since it was read; read it again
+            decision = decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores), now,
+                              defaults=op.config.job_defaults)
+    except (CredentialsError, StoreError) as e:
+        message = _credentials_problem(cr, e)
+        if message is not None:  # said in the status too; the loop's back-off spaces the retries
+            patch = status_patch(cr.get("status"), credentials_invalid(
+                cr.get("status"), message, now, cr["metadata"].get("generation")))
+            if patch:
+                kube.patch_status(ns, name, {"status": patch})
+        raise
     for obj in decision.create:
         kube.create(obj)
     for job in decision.delete:
