@@ -169,13 +169,14 @@ def posttrain(model, pool, pt, compute_dtype: str, rng: np.random.Generator, *, 
             progress(step + 1, len(batches), losses[-1])
         done = step + 1
         if store is not None and (done % pt.checkpoint_every == 0 or done == len(batches)):
-            _checkpoint(model, opt, sched, store, prefix, done, len(batches))
+            _checkpoint(model, opt, sched, store, prefix, done, len(batches), losses[-1])
     model.eval()
     model.requires_grad_(False)
     return losses
 
 
-def _checkpoint(model, opt, sched, store, prefix, step, total) -> None:
+def _checkpoint(model, opt, sched, store, prefix, step, total, loss: float) -> None:
+    """Weights + optimizer state, then the meta (step, total, the step's loss, scheduler) that makes it valid."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():
@@ -184,7 +185,7 @@ def _checkpoint(model, opt, sched, store, prefix, step, total) -> None:
                 tensors[f"opt.{names[id(p)]}.{k}"] = v.detach().contiguous()
     tied = _dedupe(tensors)
     store.put_bytes(layout.checkpoint_weights(prefix), st_save(tensors))
-    store.put_json(layout.checkpoint_meta(prefix), {"step": step, "total": total, "tied": tied,
+    store.put_json(layout.checkpoint_meta(prefix), {"step": step, "total": total, "loss": loss, "tied": tied,
                                                     "scheduler": sched.state_dict()})
 
 
