@@ -9,7 +9,7 @@ How: the run is the real CLI (``darwinlm.cli.main(["run", SPEC])``) in a child p
 store's one write primitive (``darwinlm.store.file._atomic_write``): every write is appended to a
 journal (key, phase, time), and when the plan's kill point is reached the process SIGKILLs itself.
 Nothing in the library changes; the signal is a real SIGKILL (no cleanup, no ``finally``). A kill
-point names one artifact write of the reference run and a mode:
+point names one artifact write of the reference run (key and content) and a mode:
 
 * ``mid-write``: half of the artifact's bytes are in the temp file (a torn write);
 * ``sidecar``:   the artifact is renamed into place but its checksum sidecar is not (a torn commit);
@@ -24,7 +24,10 @@ the end; :func:`store_diff` compares two stores artifact by artifact (JSON witho
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -59,10 +62,20 @@ def phase_of(key: str) -> str | None:
     return None
 
 
+def content_digest(key: str, data: bytes) -> str:
+    """Which write of ``key`` this is: the sha256 of its bytes (of JSON without wall-clock fields), so a
+    key written several times (checkpoints, a generation state) names one of its writes, in any run."""
+    if key.endswith(".json"):
+        with contextlib.suppress(ValueError):
+            data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class KillPoint:
     phase: str
-    key: str         # the artifact (relative to the store root) whose write triggers the kill
+    key: str         # the artifact (relative to the store root) whose write triggers the kill...
+    digest: str      # ...and which of its writes (content_digest)
     mode: str        # mid-write | sidecar | after
     delay: float = 0.0
 
@@ -84,28 +97,33 @@ def _install(plan: dict[str, Any]) -> None:
         journal.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
+    armed = []  # the kill point's data write happened: its sidecar write is the trigger
+
     def write(path: str, chunks, check=None):
         rel = os.path.relpath(path, root).replace(os.sep, "/")
         sidecar = rel.endswith(".sha256")
         key = rel[: -len(".sha256")] if sidecar else rel
-        journal.write(json.dumps({"key": key, "sidecar": sidecar, "phase": phase_of(key),
-                                  "t": time.monotonic()}) + "\n")
+        data = b"".join(chunks)
+        entry = {"key": key, "sidecar": sidecar, "phase": phase_of(key), "t": time.monotonic()}
+        if not sidecar:
+            entry["digest"] = content_digest(key, data.replace(root.encode(), b"<store>"))
+        journal.write(json.dumps(entry) + "\n")
         journal.flush()
-        if kill and key == kill["key"]:
-            if kill["mode"] == "mid-write" and not sidecar:
-                data = b"".join(chunks)
-
+        hit = kill is not None and key == kill["key"]
+        if hit and not sidecar and entry["digest"] == kill["digest"]:
+            if kill["mode"] == "mid-write":
                 def torn():
                     yield data[: len(data) // 2]
                     die()
                 return original(path, torn(), check)
-            if kill["mode"] == "sidecar" and sidecar:
+            armed.append(key)
+        if hit and sidecar and armed:
+            if kill["mode"] == "sidecar":
                 die()
-            if kill["mode"] == "after" and sidecar:
-                digest = original(path, chunks, check)
-                threading.Timer(kill["delay"], die).start()
-                return digest
-        return original(path, chunks, check)
+            digest = original(path, [data], check)
+            threading.Timer(kill["delay"], die).start()
+            return digest
+        return original(path, [data], check)
 
     file._atomic_write = write
 
@@ -144,17 +162,16 @@ def read_journal(path: pathlib.Path) -> list[dict[str, Any]]:
 def plan_kills(journal: list[dict[str, Any]], seed: int, per_phase: dict[str, int]) -> list[KillPoint]:
     """Seeded kill points, ``per_phase[p]`` in phase p, in the order the reference run reached them.
 
-    Only artifacts written once in the reference run qualify (a rewritten key would be ambiguous). A
-    point in mode ``after`` waits a random fraction of the reference's gap to the next write, so the
-    kill lands in the computation between two writes of the same phase."""
+    Every write qualifies, rewrites included (each checkpoint, each version of a generation state): a
+    point names the key and the content of that write. A point in mode ``after`` waits a random fraction
+    of the reference's gap to the next write, so the kill lands in the computation between two writes
+    of the same phase."""
     rng = random.Random(seed)
     data = [e for e in journal if not e["sidecar"]]
-    counts: dict[str, int] = {}
-    for e in data:
-        counts[e["key"]] = counts.get(e["key"], 0) + 1
+    counts = collections.Counter((e["key"], e["digest"]) for e in data)
     chosen: list[tuple[int, KillPoint]] = []
     for phase, n in per_phase.items():
-        idx = [i for i, e in enumerate(data) if e["phase"] == phase and counts[e["key"]] == 1]
+        idx = [i for i, e in enumerate(data) if e["phase"] == phase and counts[e["key"], e["digest"]] == 1]
         assert len(idx) >= n, f"the reference run wrote {len(idx)} artifacts in phase {phase}; {n} wanted"
         for i in sorted(rng.sample(idx, n)):
             mode = rng.choice(MODES)
@@ -163,7 +180,7 @@ def plan_kills(journal: list[dict[str, Any]], seed: int, per_phase: dict[str, in
                 mode = "mid-write"  # the phase's last write: nothing of the phase left to interrupt
             gap = (nxt["t"] - data[i]["t"]) if nxt else 0.0
             delay = round(rng.uniform(0.1, 0.8) * gap, 3) if mode == "after" else 0.0
-            chosen.append((i, KillPoint(phase, data[i]["key"], mode, delay)))
+            chosen.append((i, KillPoint(phase, data[i]["key"], data[i]["digest"], mode, delay)))
     chosen.sort(key=lambda c: c[0])
     return [k for _, k in chosen]
 
@@ -233,8 +250,6 @@ def store_diff(want_root: pathlib.Path, got_root: pathlib.Path) -> tuple[int, li
     """(artifacts compared, differences). JSON artifacts are compared without their wall-clock fields,
     every other artifact byte for byte (in text artifacts each store's own root path reads ``<store>``);
     every sidecar of ``got`` must hold its artifact's sha256."""
-    import hashlib
-
     want, got = artifacts(want_root), artifacts(got_root)
     diffs = [f"missing: {k}" for k in sorted(set(want) - set(got))]
     diffs += [f"extra: {k}" for k in sorted(set(got) - set(want))]
