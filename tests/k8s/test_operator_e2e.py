@@ -155,17 +155,18 @@ def test_kubectl_get_shows_the_printer_columns(cluster, kubectl, k8s, namespace,
 
 
 def _handoff_gaps(jobs: list[dict]) -> list[int]:
-    """Seconds from each Job's completion to the creation of the next Job (Jobs in creation order; a next
-    Job may even start before the previous Job object is Complete: its completion marker comes first)."""
+    """Seconds from the completion of the last Job created before each Job's creation second (the last
+    of its prerequisites: both post-training variants before export) to that Job's creation. A Job may
+    even start before its predecessor's Job object is Complete: the completion marker comes first."""
     from darwinlm_operator.conditions import parse_timestamp
 
-    seq = sorted(jobs, key=lambda j: (j["metadata"]["creationTimestamp"], j["metadata"]["name"]))
+    created = sorted({j["metadata"]["creationTimestamp"] for j in jobs})
     gaps = []
-    for prev, nxt in zip(seq, seq[1:], strict=False):
-        end = (prev.get("status") or {}).get("completionTime")
-        if end and nxt["metadata"]["creationTimestamp"] != prev["metadata"]["creationTimestamp"]:
-            gaps.append(int((parse_timestamp(nxt["metadata"]["creationTimestamp"])
-                             - parse_timestamp(end)).total_seconds()))
+    for before, at in zip(created, created[1:], strict=False):
+        ends = [(j.get("status") or {}).get("completionTime") for j in jobs
+                if j["metadata"]["creationTimestamp"] <= before]
+        if ends and all(ends):
+            gaps.append(int((parse_timestamp(at) - max(parse_timestamp(e) for e in ends)).total_seconds()))
     return gaps
 
 
