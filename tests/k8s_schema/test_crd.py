@@ -509,3 +509,20 @@ def test_every_spec_field_refuses_a_value_of_the_wrong_type():
             if not any(_names(p, m, path) for p, m in errors):
                 missed.append(f"{layer} accepts {_confused(value)!r} at {path}: {errors}")
     assert not missed, "\n".join(missed)
+
+
+def test_pod_template_core_types_are_generated_from_the_kubernetes_client():
+    from darwinlm_operator import _kcore
+
+    vol = _kcore.schema("Volume")
+    assert set(vol["properties"]) == {"name", *_kcore.VOLUME_SOURCES}
+    pvc = vol["properties"]["persistentVolumeClaim"]
+    assert pvc["required"] == ["claimName"] and pvc["properties"]["readOnly"]["type"] == "boolean"
+    assert set(_kcore.schema("VolumeMount")["required"]) == {"name", "mountPath"}
+    template = SCHEMA["properties"]["spec"]["properties"]["podTemplate"]
+    assert template["properties"]["volumes"]["items"]["properties"]["persistentVolumeClaim"] == pvc
+    assert template["properties"]["affinity"]["properties"]["nodeAffinity"] == \
+        _kcore.schema("Affinity")["properties"]["nodeAffinity"]
+    # nothing under podTemplate keeps unknown fields any more: every shape is checked by the API server
+    loose = [p for p, s in _walk(template, "podTemplate") if s.get("x-kubernetes-preserve-unknown-fields")]
+    assert not loose, loose
