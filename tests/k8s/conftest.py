@@ -36,13 +36,7 @@ def embedded_tiny(tiny_assets, tmp_path_factory):
     from darwinlm.store import open_store
     from tests.conftest import tiny_spec_dict
 
-    import time
-
-    from tests.k8s._helpers import TIMINGS
-
     root = tmp_path_factory.mktemp("embedded")
     spec = load_spec(tiny_spec_dict(tiny_assets, f"file://{root}"))
-    t0 = time.monotonic()
     run_search(spec)
-    TIMINGS["embedded_tiny"] = time.monotonic() - t0
     return spec, open_store(f"file://{root}").child("searches/tiny").get_json("result/config.json")
