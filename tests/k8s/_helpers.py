@@ -15,7 +15,6 @@ from tests.support.procs import free_port
 CRD = REPO_ROOT / "manifests" / "crd.yaml"
 G, V, P = "darwinlm.io", "v1alpha1", "pruningsearches"
 SECRET_NAME = "darwinlm-s3"
-TIMINGS: dict[str, float] = {}  # seconds, set by session fixtures (embedded_tiny: the embedded tiny run)
 PREFIX = "runs"
 
 
