@@ -16,7 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from darwinlm.core.plan import KINDS, Task, all_tasks, done_key, next_tasks
-from darwinlm.errors import ChecksumMismatch, PeerFailure, PlanError, WorldConfigError
+from darwinlm.errors import ChecksumMismatch, PeerFailure, PlanError, StoreError, WorldConfigError
 from darwinlm.store import layout, open_store
 
 from .progress import Progress, no_progress
@@ -150,7 +150,12 @@ def _run_ranked(spec, uid, tasks, todo, progress: Progress) -> tuple[int, int]:
         raise PeerFailure(f"cannot join the process group: {e}") from e
     if world is None:
         for task in tasks:
-            run_task(ws, task, progress=progress)
+            try:
+                run_task(ws, task, progress=progress)
+            except ChecksumMismatch as e:  # one task per process (a Job): delete what can be redone, then
+                if not recompute(ws, e, set()):  # fail retriably; the next plan has the task that redoes it
+                    raise
+                raise StoreError(f"{e}; deleted to be computed again: retry") from e
         return 0, 1
     if spec.model.threads is None:
         log.warning("model.threads is not set: with several workers, fitness values (and the search) are "

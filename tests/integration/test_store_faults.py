@@ -129,3 +129,26 @@ def _session(srv):
 
     return boto3.session.Session(aws_access_key_id=srv.access_key, aws_secret_access_key=srv.secret_key,
                                  region_name=srv.region)
+
+
+def test_a_job_that_meets_a_corrupt_state_deletes_it_and_fails_retriably(reference, tmp_path):
+    """The Kubernetes path (one task per process, ``run_tasks``): generation 1 finds generation 0's state
+    corrupt, deletes it and fails with a retriable StoreError; the next plan redoes generation 0."""
+    from darwinlm.core.plan import next_tasks
+    from darwinlm.errors import StoreError
+    from darwinlm.run.runner import run_tasks
+    from darwinlm.store import open_store
+
+    spec_dict, _, _ = reference
+    root = tmp_path / "store"
+    spec = load_spec({**spec_dict, "store": f"file://{root}"})
+    run_search(spec, until=lambda t: t.kind == "generation" and t.index == 1)
+    state = root / "searches/tiny/generations/00000/state.json"
+    _flip(state)
+    with pytest.raises(StoreError, match="generations/00000/state.json: sha256 mismatch.*computed again: retry"):
+        run_tasks(spec, ["generation-1"])
+    assert not state.exists()
+    store = open_store(f"file://{root}").child("searches/tiny")
+    assert [t.name for t in next_tasks(spec, store)] == ["generation-0"]
+    run_tasks(spec, ["generation-0"])
+    assert store.exists("generations/00000/state.json")
