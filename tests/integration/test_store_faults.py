@@ -8,6 +8,8 @@ object                            fault       detected by                       
 generations/00000/state.json      flip/trunc  sha256 on read (get_json), gen 1    generation 0 computed again
 databases/<db>/layers/<l>         flip/trunc  sha256 of the file (LayerDatabase)  database shard rebuilt
 posttrain/searched/checkpoint.*   flip/trunc  sha256 on read (export)             post-training redone
+generations/00000/state.json      flip        sha256 on read, a Job (run_tasks)   deleted, retriable failure,
+                                                                                  next plan redoes generation 0
 spec.json                         flip        sha256 on read (record_spec)        run fails naming the object
 S3 object, 503 SlowDown x3        throttle    botocore standard retry             write and read succeed
 S3 stale multipart upload         abandoned   -                                   put succeeds, object intact
