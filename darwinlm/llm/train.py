@@ -184,9 +184,10 @@ def _checkpoint(model, opt, sched, store, prefix, step, total, loss: float) -> N
             if torch.is_tensor(v):
                 tensors[f"opt.{names[id(p)]}.{k}"] = v.detach().contiguous()
     tied = _dedupe(tensors)
-    store.put_bytes(layout.checkpoint_weights(prefix), st_save(tensors))
+    digest = store.put_bytes(layout.checkpoint_weights(prefix), st_save(tensors))
+    # the meta names the weights it belongs to: a crash between the two writes leaves a pair that says so
     store.put_json(layout.checkpoint_meta(prefix), {"step": step, "total": total, "loss": loss, "tied": tied,
-                                                    "scheduler": sched.state_dict()})
+                                                    "weights_sha256": digest, "scheduler": sched.state_dict()})
 
 
 def _dedupe(tensors: dict) -> dict:
@@ -206,6 +207,13 @@ def _resume(model, opt, sched, store, prefix) -> int:
     if not store.exists(layout.checkpoint_meta(prefix)):
         return 0
     meta = store.get_json(layout.checkpoint_meta(prefix))
+    weights = layout.checkpoint_weights(prefix)
+    recorded = meta.get("weights_sha256")  # absent in checkpoints written before it was recorded
+    if not store.exists(weights) or (recorded is not None and store.sha256(weights) != recorded):
+        # killed between the weights and the meta of a checkpoint: they are of different steps (or the
+        # weights are incomplete); deterministic training from the start gives the same result
+        log.warning("%s: torn checkpoint (weights and meta of different steps): training from the start", prefix)
+        return 0
     t = st_load(store.get_bytes(layout.checkpoint_weights(prefix)))
     for alias, src in meta["tied"].items():
         t[alias] = t[src]
