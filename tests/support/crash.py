@@ -63,11 +63,13 @@ def phase_of(key: str) -> str | None:
 
 
 def content_digest(key: str, data: bytes) -> str:
-    """Which write of ``key`` this is: the sha256 of its bytes (of JSON without wall-clock fields), so a
+    """Which write of ``key`` this is: the sha256 of its bytes (without wall-clock fields), so a
     key written several times (checkpoints, a generation state) names one of its writes, in any run."""
     if key.endswith(".json"):
         with contextlib.suppress(ValueError):
             data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
+    elif key.endswith(".md"):
+        data = _mask_seconds(data)
     return hashlib.sha256(data).hexdigest()
 
 
