@@ -48,7 +48,13 @@ class ArtifactNotFound(StoreError):
 
 
 class ChecksumMismatch(StoreError):
-    """The bytes read do not match the checksum recorded when they were written."""
+    """The bytes read do not match the checksum recorded when they were written.
+
+    ``uri``: the corrupt artifact (``<store uri>/<key>``), so a caller can recompute it."""
+
+    def __init__(self, message: str, uri: str | None = None):
+        super().__init__(message)
+        self.uri = uri
 
 
 class InfeasibleTargetError(DarwinLMError):

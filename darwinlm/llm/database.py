@@ -298,4 +298,5 @@ def _verify_file(store, key: str, path: str) -> None:
             h.update(chunk)
     recorded = store.sha256(key)
     if h.hexdigest() != recorded:
-        raise ChecksumMismatch(f"{store.uri}/{key}: sha256 mismatch: recorded {recorded}, read {h.hexdigest()}")
+        raise ChecksumMismatch(f"{store.uri}/{key}: sha256 mismatch: recorded {recorded}, read {h.hexdigest()}",
+                               uri=f"{store.uri}/{key}")

@@ -182,13 +182,14 @@ def posttrain(model, pool, pt, compute_dtype: str, rng: np.random.Generator, *, 
             progress(step + 1, len(batches), losses[-1])
         done = step + 1
         if store is not None and (done % pt.checkpoint_every == 0 or done == len(batches)):
-            _checkpoint(model, opt, sched, store, prefix, done, len(batches))
+            _checkpoint(model, opt, sched, store, prefix, done, len(batches), losses[-1])
     model.eval()
     model.requires_grad_(False)
     return losses
 
 
-def _checkpoint(model, opt, sched, store, prefix, step, total) -> None:
+def _checkpoint(model, opt, sched, store, prefix, step, total, loss: float) -> None:
+    """Weights + optimizer state, then the meta (step, total, the step's loss, scheduler) that makes it valid."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():
@@ -196,9 +197,10 @@ def _checkpoint(model, opt, sched, store, prefix, step, total) -> None:
             if torch.is_tensor(v):
                 tensors[f"opt.{names[id(p)]}.{k}"] = v.detach().contiguous()
     tied = _dedupe(tensors)
-    store.put_bytes(layout.checkpoint_weights(prefix), st_save(tensors))
-    store.put_json(layout.checkpoint_meta(prefix), {"step": step, "total": total, "tied": tied,
-                                                    "scheduler": sched.state_dict()})
+    digest = store.put_bytes(layout.checkpoint_weights(prefix), st_save(tensors))
+    # the meta names the weights it belongs to: a crash between the two writes leaves a pair that says so
+    store.put_json(layout.checkpoint_meta(prefix), {"step": step, "total": total, "loss": loss, "tied": tied,
+                                                    "weights_sha256": digest, "scheduler": sched.state_dict()})
 
 
 def _dedupe(tensors: dict) -> dict:
@@ -218,6 +220,13 @@ def _resume(model, opt, sched, store, prefix) -> int:
     if not store.exists(layout.checkpoint_meta(prefix)):
         return 0
     meta = store.get_json(layout.checkpoint_meta(prefix))
+    weights = layout.checkpoint_weights(prefix)
+    recorded = meta.get("weights_sha256")  # absent in checkpoints written before it was recorded
+    if not store.exists(weights) or (recorded is not None and store.sha256(weights) != recorded):
+        # killed between the weights and the meta of a checkpoint: they are of different steps (or the
+        # weights are incomplete); deterministic training from the start gives the same result
+        log.warning("%s: torn checkpoint (weights and meta of different steps): training from the start", prefix)
+        return 0
     t = st_load(store.get_bytes(layout.checkpoint_weights(prefix)))
     for alias, src in meta["tied"].items():
         t[alias] = t[src]

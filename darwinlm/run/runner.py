@@ -16,10 +16,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from darwinlm.core.plan import KINDS, Task, all_tasks, is_done, next_tasks, stopped_after
-from darwinlm.errors import PeerFailure, PlanError, WorldConfigError
+from darwinlm.errors import ChecksumMismatch, PeerFailure, PlanError, StoreError, WorldConfigError
 from darwinlm.store import layout, open_store
 
 from .progress import Progress, no_progress
+from .repair import recompute
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -41,6 +42,7 @@ def run_search(spec, *, progress: Progress = no_progress, root=None, until=None)
     """Run every remaining task. ``until(task) -> bool`` stops before a task (tests, partial runs)."""
     ws, run_task = _start(spec, root=root)
     ws.record_spec()
+    repaired: set[str] = set()
     while True:
         todo = next_tasks(spec, ws.store)
         if not todo:
@@ -49,7 +51,12 @@ def run_search(spec, *, progress: Progress = no_progress, root=None, until=None)
             if until is not None and until(task):
                 return ws
             log.info("task %s", task.name)
-            run_task(ws, task, progress=progress)
+            try:
+                run_task(ws, task, progress=progress)
+            except ChecksumMismatch as e:  # a corrupt artifact: computed again if the plan can, else fatal
+                if not recompute(ws, e, repaired):
+                    raise
+                break  # plan again: the deleted artifacts are tasks (or parts of tasks) to do
     log.info("search %s complete: %s/%s", spec.name, ws.store.uri, layout.RESULT)
     return ws
 
@@ -154,7 +161,12 @@ def _run_ranked(spec, uid, tasks, todo, progress: Progress) -> tuple[int, int]:
         for task in tasks:
             if _stopped_before(ws.store, task):
                 break
-            run_task(ws, task, progress=progress)
+            try:
+                run_task(ws, task, progress=progress)
+            except ChecksumMismatch as e:  # one task per process (a Job): delete what can be redone, then
+                if not recompute(ws, e, set()):  # fail retriably; the next plan has the task that redoes it
+                    raise
+                raise StoreError(f"{e}; deleted to be computed again: retry") from e
         return 0, 1
     if spec.model.threads is None:
         log.warning("model.threads is not set: with several workers, fitness values (and the search) are "

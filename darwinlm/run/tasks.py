@@ -113,7 +113,10 @@ def _posttrain(ws, task: Task, progress: Progress, _shard) -> dict:
     losses = posttrain(model, ws.pools.finetune, spec.posttrain, spec.model.compute_dtype,
                        derive_rng(spec.seed, "posttrain"), store=ws.store, prefix=layout.posttrain_prefix(task.variant),
                        teacher=ws.model if spec.posttrain.distill > 0 else None, progress=on_step)
-    return {"steps": total[0], "final_loss": losses[-1] if losses else None}
+    # from the last checkpoint, so that a run resumed after it (zero steps left) records the same
+    meta = layout.checkpoint_meta(layout.posttrain_prefix(task.variant))
+    last = ws.store.get_json(meta) if ws.store.exists(meta) else {}
+    return {"steps": last.get("total", total[0]), "final_loss": last.get("loss", losses[-1] if losses else None)}
 
 
 def _export(ws, task: Task, progress: Progress, _shard) -> dict:

@@ -81,9 +81,10 @@ def _under(key: str, prefix: str) -> bool:
 
 def _verify(uri: str, expected: str | None, actual: str) -> None:
     if not isinstance(expected, str) or not _HEX64.fullmatch(expected):
-        raise ChecksumMismatch(f"{uri}: no valid recorded sha256 (found {expected!r}): written outside the store, or corrupt")
+        raise ChecksumMismatch(f"{uri}: no valid recorded sha256 (found {expected!r}): written outside the store, "
+                               f"or corrupt", uri=uri)
     if expected != actual:
-        raise ChecksumMismatch(f"{uri}: sha256 mismatch: recorded {expected}, read {actual}")
+        raise ChecksumMismatch(f"{uri}: sha256 mismatch: recorded {expected}, read {actual}", uri=uri)
 
 
 def _read_chunks(f) -> Iterator[bytes]:

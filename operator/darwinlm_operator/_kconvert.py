@@ -23,6 +23,8 @@ from typing import Any, NewType
 from darwinlm.spec import fields as sf
 from darwinlm.spec import MISSING, Bounds, setting
 
+from . import _kcore
+
 __all__ = [
     "DNS_LABEL",
     "DNS_LABEL_MESSAGE",
@@ -121,17 +123,20 @@ class FrozenMap(Mapping):
 
 def kfield(default: Any = MISSING, *, factory: Any = MISSING, items: Bounds | None = None,
            keys: Bounds | None = None, open_keys: Mapping[str, OpenKey] | None = None,
-           list_map_keys: tuple[str, ...] | None = None, fmt: str | None = None, **bounds: Any) -> Any:
+           list_map_keys: tuple[str, ...] | None = None, fmt: str | None = None,
+           core: str | None = None, **bounds: Any) -> Any:
     """``setting()`` plus what Kubernetes types need.
 
     ``keys``: bounds of map keys; ``open_keys``: required keys of free-form objects (or of each
     free-form list item); ``list_map_keys``: ``x-kubernetes-list-type: map`` (items unique by those
     keys); ``fmt``: OpenAPI ``format``. ``max_items`` bounds map sizes too (``maxProperties``).
+    ``core``: the free-form object (or each item) is a core/v1 type of ``_kcore.KINDS``, checked
+    against its generated schema here and in the CRD.
     """
     f = setting(default, factory=factory, items=items, **bounds)
     meta = dict(f.metadata)
     for key, value in (("keys", keys), ("open_keys", open_keys), ("list_map_keys", list_map_keys),
-                       ("format", fmt)):
+                       ("format", fmt), ("core", core)):
         if value is not None:
             meta[key] = value
     return dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=meta)
@@ -192,6 +197,7 @@ def _convert_map(value: Any, value_hint: Any, meta: Mapping, path: str, errors: 
     if sf.INVALID in out.values():
         return sf.INVALID
     _check_open_keys(out, meta, path, errors)
+    _check_core(out, meta, path, errors)
     return FrozenMap(out)
 
 
@@ -252,11 +258,21 @@ def _check_open_keys(obj: Mapping, meta: Mapping, path: str, errors: sf.Problems
             errors.extend((p, m) for m in sf.bound_problems(spec.bounds, obj[key]))
 
 
+def _check_core(obj: Mapping, meta: Mapping, path: str, errors: sf.Problems) -> None:
+    """Type-check a free-form core/v1 object against its generated schema (``kfield(core=...)``);
+    a problem the open-key check already reported is not repeated."""
+    if meta.get("core") is None:
+        return
+    reported = {p for p, _ in errors}
+    errors.extend(e for e in _kcore.problems(obj, _kcore.schema(meta["core"]), path) if e[0] not in reported)
+
+
 def _check_items(items: tuple, item_hint: Any, meta: Mapping, path: str, errors: sf.Problems) -> None:
     """Required keys of free-form items and the uniqueness of list-type map items."""
     if map_value_hint(item_hint) is not None:
         for i, obj in enumerate(items):
             _check_open_keys(obj, meta, f"{path}[{i}]", errors)
+            _check_core(obj, meta, f"{path}[{i}]", errors)
     keys = meta.get("list_map_keys") or ()
     seen: dict[Any, int] = {}
     for i, obj in enumerate(items if keys else ()):

@@ -175,9 +175,9 @@ class PodTemplateOverrides(SpecNode):
     """Node labels the job pods require, e.g. {"nvidia.com/gpu.product": NVIDIA-H100-80GB-HBM3}."""
     tolerations: tuple[Toleration, ...] = kfield((), max_items=32)
     """Taints the job pods tolerate (e.g. the nvidia.com/gpu taint of GPU node pools)."""
-    affinity: dict[str, Any] | None = None
-    """A core/v1 Affinity object (nodeAffinity, podAffinity, podAntiAffinity), passed through
-    unchanged; Kubernetes validates it when the Job is created."""
+    affinity: dict[str, Any] | None = kfield(None, core="Affinity")
+    """A core/v1 Affinity object (nodeAffinity, podAffinity, podAntiAffinity), merged into every
+    job pod; checked against the core/v1 schema (unknown fields and wrong types are refused)."""
     priorityClassName: str | None = setting(None, pattern=DNS_SUBDOMAIN, max_length=253,
                                             message=DNS_SUBDOMAIN_MESSAGE)
     """PriorityClass of the job pods (preemption order); null = the cluster default."""
@@ -191,12 +191,13 @@ class PodTemplateOverrides(SpecNode):
     env: tuple[EnvVar, ...] = kfield((), max_items=128, list_map_keys=("name",))
     """Extra environment variables of the job container (plain values only)."""
     volumes: tuple[dict[str, Any], ...] = kfield((), max_items=64, open_keys={"name": _NAME_KEY},
-                                                 list_map_keys=("name",))
-    """Extra core/v1 Volumes of the job pods (e.g. a PVC with the model); passed through, only
-    `name` is checked here. The operator's own scratch volumes win on a name clash."""
+                                                 list_map_keys=("name",), core="Volume")
+    """Extra core/v1 Volumes of the job pods (e.g. a PVC with the model), checked against the
+    core/v1 schema; sources: persistentVolumeClaim, emptyDir, hostPath, configMap, secret, nfs, csi,
+    projected, downwardAPI, image. The operator's own scratch volumes win on a name clash."""
     volumeMounts: tuple[dict[str, Any], ...] = kfield(
         (), max_items=64, open_keys={"name": _MOUNT_NAME, "mountPath": _MOUNT_PATH},
-        list_map_keys=("mountPath",))
-    """Extra core/v1 VolumeMounts of the job container (name, mountPath, readOnly, subPath...);
-    passed through, only `name` and `mountPath` are checked here. The operator's own scratch
-    mounts win on a mountPath clash."""
+        list_map_keys=("mountPath",), core="VolumeMount")
+    """Extra core/v1 VolumeMounts of the job container (name, mountPath, readOnly, subPath...),
+    checked against the core/v1 schema. The operator's own scratch mounts win on a mountPath
+    clash."""

@@ -40,6 +40,7 @@ TYPES = (INVALID, RUNNING, SUSPENDED, RETRYING, SUCCEEDED, FAILED)
 # ---- reasons (CamelCase, stable: alerting rules and users match on them)
 SPEC_INVALID = "SpecInvalid"
 SPEC_VALID = "SpecValid"
+CREDENTIALS_INVALID = "CredentialsInvalid"  # spec.s3.secretRef: Secret or key missing, or S3 refused it
 BUILDING_DATABASE = "BuildingDatabase"
 MEASURING_SENSITIVITY = "MeasuringSensitivity"
 SEARCHING = "Searching"

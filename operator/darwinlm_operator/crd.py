@@ -45,6 +45,7 @@ from darwinlm_operator.kspec import (
     map_value_hint,
 )
 from darwinlm_operator.kstatus import PHASES, Attempt, Condition, PruningSearchStatus
+from darwinlm_operator._kcore import schema as core_schema
 
 __all__ = ["GROUP", "VERSION", "PLURAL", "PHASES", "generate_crd", "spec_schema", "status_schema",
            "render", "main", "PruningSearchStatus", "Condition", "Attempt"]
@@ -122,6 +123,15 @@ def _type_schema(hint: Any, meta: typing.Mapping) -> dict[str, Any]:
             out["x-kubernetes-list-map-keys"] = list(meta["list_map_keys"])
         return out
     value = map_value_hint(hint)
+    if value is Any and meta.get("core"):
+        out = copy.deepcopy(core_schema(meta["core"]))  # core/v1, generated: no unknown fields
+        for key, spec in (meta.get("open_keys") or {}).items():
+            out["properties"][key]["description"] = spec.description
+            apply_bounds(out["properties"][key], spec.bounds, True)
+            out.setdefault("required", [])
+            if key not in out["required"]:
+                out["required"].append(key)
+        return out
     if value is Any:
         out = {"type": "object"}
         if meta.get("open_keys"):

@@ -41,6 +41,7 @@ from .conditions import parse_timestamp
 from .kspec import JobDefaults, KubeSpec, load_psearch
 from .metrics import Metrics
 from .reconcile import Decision, as_manifest, decide, job_outcome, status_patch
+from .status import credentials_invalid
 from .render import LABEL_MANAGED_BY, LABEL_SEARCH, LABEL_SEARCH_UID, MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,37 @@ class Kube:
 
 # ------------------------------------------------------------------------------ one reconcile
 
+def _decide(kube: Kube, cr: dict, jobs: list, pods: list, memo: dict, now: _dt.datetime, op: Operator) -> Decision:
+    """``decide`` over the search's store; when S3 refuses the cached credentials (rotated since they were
+    read?), once more with the Secret read again."""
+    try:
+        return decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores), now, defaults=op.config.job_defaults)
+    except StoreError as e:
+        if _credentials_problem(cr, e) is None:
+            raise
+    op.stores.forget_credentials()
+    return decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores), now, defaults=op.config.job_defaults)
+
+
+_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken")
+
+
+def _credentials_problem(cr: dict, exc: Exception) -> str | None:
+    """What is wrong with the search's S3 credentials, naming the Secret and its keys (never a value);
+    None when ``exc`` is not about them (e.g. an outage: retried without a status change)."""
+    if isinstance(exc, CredentialsError):
+        return str(exc)
+    code = next((c for c in _REFUSED if c in str(exc)), None)
+    if code is None and "(HTTP 403)" in str(exc):  # a HEAD's 403 has no body, hence no error code
+        code = "HTTP 403 Forbidden"
+    ref = (((cr.get("spec") or {}).get("s3") or {}).get("secretRef") or {})
+    if code is None or not ref.get("name"):
+        return None
+    keys = (ref.get("accessKeyIdKey", "AWS_ACCESS_KEY_ID"), ref.get("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"))
+    return (f"S3 refused the credentials of Secret {cr['metadata']['namespace']}/{ref['name']} "
+            f"(keys {keys[0]!r}, {keys[1]!r}; spec.s3.secretRef): {code}")
+
+
 def _store_view(kube: Kube, cr: dict, memo: dict, stores: StoreCache) -> StoreView | None:
     """The search's store as the operator reads it; None when the spec is invalid (decide says why)
     or the search is being deleted (nothing is decided then, and its Secret may be gone already)."""
@@ -193,8 +225,17 @@ def reconcile_once(kube: Kube, ns: str, name: str, memo: dict, now: _dt.datetime
         return None
     jobs = kube.list_jobs(ns, name)
     pods = kube.list_pods(ns, cr["metadata"]["uid"]) if _needs_pods(cr, jobs, now) else []
-    decision = decide(cr, jobs, pods, _store_view(kube, cr, memo, op.stores),
-                      now or _dt.datetime.now(_dt.timezone.utc), defaults=op.config.job_defaults)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    try:
+        decision = _decide(kube, cr, jobs, pods, memo, now, op)
+    except (CredentialsError, StoreError) as e:
+        message = _credentials_problem(cr, e)
+        if message is not None:  # said in the status too; the loop's back-off spaces the retries
+            patch = status_patch(cr.get("status"), credentials_invalid(
+                cr.get("status"), message, now, cr["metadata"].get("generation")))
+            if patch:
+                kube.patch_status(ns, name, {"status": patch})
+        raise
     for obj in decision.create:
         kube.create(obj)
     for job in decision.delete:
@@ -335,9 +376,23 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.client_timeout = 330  # ...and we give up on a silent stream a bit later
     settings.watching.connect_timeout = 30
     settings.networking.error_backoffs = [1, 2, 5, 10, 30]
+    _quiet_credential_loggers()
     _load_kube_config()
     if op.config.metrics_port:
         op.metrics.serve(op.config.metrics_port)
+
+
+# At DEBUG (``kopf run --verbose``) these log what must never be logged: the kubernetes client prints
+# every response body (the S3 Secret's data, base64), botocore every request's headers (Authorization:
+# the access key id) and urllib3/s3transfer more of the same. Found by tests/k8s/test_credentials.py.
+_CREDENTIAL_LOGGERS = {"kubernetes.client.rest": logging.INFO, "botocore": logging.INFO,
+                       "boto3": logging.INFO, "s3transfer": logging.INFO, "urllib3": logging.INFO}
+
+
+def _quiet_credential_loggers() -> None:
+    for name, level in _CREDENTIAL_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
 
 
 def _load_kube_config() -> None:

@@ -14,6 +14,7 @@ handlers apply.
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,10 +61,26 @@ def _invalid(ctx: Context, errors: list[tuple[str, str]]) -> None:
     ctx.cond(C.RUNNING, False, C.SPEC_INVALID, "no Jobs run while the spec is invalid")
 
 
+_FIXABLE = (C.SPEC_INVALID, C.CREDENTIALS_INVALID)  # failures that end once the user fixes the cause
+
+
+def credentials_invalid(old: Mapping | None, message: str, now: _dt.datetime, generation: int | None) -> dict:
+    """The status of a search whose S3 credentials cannot be used (``message`` names the Secret and its
+    keys, never a value): phase Failed, Invalid and Failed True with reason CredentialsInvalid. Not
+    terminal: the next reconcile that reaches the store clears it (``_valid``). Running Jobs are left
+    alone: they hold the credentials they started with."""
+    conds = C.set_many((old or {}).get("conditions"), [
+        (C.INVALID, True, C.CREDENTIALS_INVALID, message),
+        (C.FAILED, True, C.CREDENTIALS_INVALID, message),
+        (C.RUNNING, False, C.CREDENTIALS_INVALID, "no new Jobs while the store credentials are unusable"),
+    ], now=now, observed_generation=generation)
+    return {"phase": "Failed", "message": message, "conditions": conds}
+
+
 def _valid(ctx: Context) -> None:
     ctx.cond(C.INVALID, False, C.SPEC_VALID, "the spec is valid")
     failed = C.get_condition(ctx.status.get("conditions"), C.FAILED)
-    if failed is None or (failed.get("status") == "True" and failed.get("reason") == C.SPEC_INVALID):
+    if failed is None or (failed.get("status") == "True" and failed.get("reason") in _FIXABLE):
         ctx.cond(C.FAILED, False, C.IN_PROGRESS, "the search has not failed")
         ctx.status["completionTime"] = None
 
@@ -80,7 +97,7 @@ def _terminal(ctx: Context) -> bool:
     A Failed caused by an invalid spec is not terminal: ``_valid`` clears it once the spec is fixed."""
     conds = ctx.old.get("conditions")
     failed = C.get_condition(conds, C.FAILED) or {}
-    failed_now = failed.get("status") == "True" and failed.get("reason") != C.SPEC_INVALID
+    failed_now = failed.get("status") == "True" and failed.get("reason") not in _FIXABLE
     if C.is_true(conds, C.SUCCEEDED):
         _ttl(ctx)  # a Job still finishing (its marker is written, its pod exiting) is left alone
         return True

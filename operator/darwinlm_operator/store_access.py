@@ -105,6 +105,11 @@ class StoreCache:
             self._creds[key] = (self._clock(), creds)
         return creds
 
+    def forget_credentials(self) -> None:
+        """Read every Secret again on next use (S3 refused a cached key pair: it may have been rotated)."""
+        with self._lock:
+            self._creds.clear()
+
     def root(self, uri: str, kspec, core_v1, namespace: str) -> Store:
         """The store at ``uri`` as the search's pods see it (endpoint, region, Secret of ``kspec.s3``)."""
         s3 = kspec.s3

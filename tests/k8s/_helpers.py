@@ -27,8 +27,11 @@ def manifest(name: str, assets, s3, **over) -> dict:
     return {"apiVersion": f"{G}/{V}", "kind": "PruningSearch", "metadata": {"name": name}, "spec": spec}
 
 
-def start_operator(kubectl, k8s, namespace: str, s3, run_operator) -> tuple:
-    """CRD + S3 Secret + the operator (``kopf run``) watching ``namespace``; returns (operator, metrics port)."""
+def start_operator(kubectl, k8s, namespace: str, s3, run_operator, interval: float = 1.0) -> tuple:
+    """CRD + S3 Secret + the operator (``kopf run``) watching ``namespace``; returns (operator, metrics port).
+
+    ``interval``: seconds between two reconciles of a search that nothing pokes (a test of the Job watch
+    sets it far above the hand-off time it asserts, so that the timer alone cannot pass it)."""
     kubectl("apply", "-f", str(CRD))
     k8s.core.create_namespaced_secret(namespace, {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET_NAME},
@@ -40,7 +43,7 @@ def start_operator(kubectl, k8s, namespace: str, s3, run_operator) -> tuple:
     wrong = {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
              "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}
     op = run_operator("darwinlm_operator.handlers", env={
-        "DARWINLM_METRICS_PORT": str(port), "DARWINLM_RECONCILE_INTERVAL": "1", **wrong}, wait_resource=P)
+        "DARWINLM_METRICS_PORT": str(port), "DARWINLM_RECONCILE_INTERVAL": str(interval), **wrong}, wait_resource=P)
     return op, port
 
 

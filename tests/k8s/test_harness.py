@@ -391,9 +391,10 @@ def test_s3_outage_and_recovery(s3_process):
     # an outage that ends by itself: a patient client succeeds once the server is back
     patient = srv.client(read_timeout=10, max_attempts=3)  # made first: building a client takes time too
     t = srv.outage_for(1.0, "hang")
+    assert srv.paused  # the put below meets the outage (not only a slow machine)...
     t0 = time.monotonic()
     patient.put_object(Bucket=srv.bucket, Key="after.json", Body=b"v2")
-    assert time.monotonic() - t0 >= 0.8
+    assert time.monotonic() - t0 >= 0.8  # ...and waits for its end
     t.join()
     assert srv.list_keys(srv.bucket) == ["after.json", "state.json"]
 

@@ -25,6 +25,7 @@ from tests.k8s._helpers import (
     cond,
     finished,
     get_ps,
+    start_operator,
     manifest,
     s3_json,
     variants,
@@ -33,9 +34,10 @@ from tests.k8s._helpers import (
 from tests.support.cluster import wait_for
 
 
-def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s, namespace, s3, pod_runner,
+def test_tiny_search_succeeds_and_matches_the_embedded_run(kubectl, k8s, namespace, s3, pod_runner, run_operator,
                                                             pod_assets, embedded_tiny):
-    op, port = cluster
+    # The reconcile timer is 60 s: every hand-off within 2 s below is the Job watch's doing.
+    op, port = start_operator(kubectl, k8s, namespace, s3, run_operator, interval=60)
     t0 = time.monotonic()
     apply_search(kubectl, manifest("tiny", pod_assets, s3), namespace)
     ps = wait_phase(k8s, namespace, "tiny", ("Succeeded", "Failed"), op, pod_runner)
@@ -52,7 +54,6 @@ def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s
     assert st["checkpointURI"] == f"{root}/generations/00002/state.json"
     assert cond(ps, "Succeeded")["status"] == "True" and cond(ps, "Failed")["status"] == "False"
     assert st["observedGeneration"] == ps["metadata"]["generation"] and st["retries"] == {}
-    assert all(a["outcome"] == "Succeeded" for a in st["attempts"].values())
 
     # the same spec run embedded gives the same model configuration
     embedded, want = embedded_tiny
@@ -69,9 +70,15 @@ def test_tiny_search_succeeds_and_matches_the_embedded_run(cluster, kubectl, k8s
     for j in jobs:
         assert j["metadata"]["ownerReferences"][0]["uid"] == uid
         assert j["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "darwinlm-operator"
+    # every Job is in status.attempts, each one Succeeded (the last is accounted just after Succeeded)
+    st = wait_for(lambda: (lambda s: s if sorted(s.get("attempts") or {}) == names else None)(
+        get_ps(k8s, namespace, "tiny")["status"]), 30, "every Job in status.attempts")
+    assert {a["outcome"] for a in st["attempts"].values()} == {"Succeeded"}, st["attempts"]
     gaps = _handoff_gaps(jobs)
     print(f"[e2e] {len(jobs)} Jobs; Job-to-next-Job gaps (s, 1 s timestamp resolution): {gaps}")
-    assert max(gaps) <= 2, gaps  # the Job watch pokes the reconcile: no waiting for the timer
+    # Job watch -> reconcile: each hand-off is far quicker than the 60 s timer (all sequential hand-offs
+    # measured: the Jobs without a predecessor in the same second)
+    assert len(gaps) >= 5 and max(gaps) <= 2, gaps
 
     # events tell the story; no credential anywhere the operator writes
     reasons = {e["reason"] for e in k8s.events(namespace, "tiny")}
@@ -151,17 +158,18 @@ def test_kubectl_get_shows_the_printer_columns(cluster, kubectl, k8s, namespace,
 
 
 def _handoff_gaps(jobs: list[dict]) -> list[int]:
-    """Seconds from each Job's completion to the creation of the next Job (Jobs in creation order; a next
-    Job may even start before the previous Job object is Complete: its completion marker comes first)."""
+    """Seconds from the completion of the last Job created before each Job's creation second (the last
+    of its prerequisites: both post-training variants before export) to that Job's creation. A Job may
+    even start before its predecessor's Job object is Complete: the completion marker comes first."""
     from darwinlm_operator.conditions import parse_timestamp
 
-    seq = sorted(jobs, key=lambda j: (j["metadata"]["creationTimestamp"], j["metadata"]["name"]))
+    created = sorted({j["metadata"]["creationTimestamp"] for j in jobs})
     gaps = []
-    for prev, nxt in zip(seq, seq[1:], strict=False):
-        end = (prev.get("status") or {}).get("completionTime")
-        if end and nxt["metadata"]["creationTimestamp"] != prev["metadata"]["creationTimestamp"]:
-            gaps.append(int((parse_timestamp(nxt["metadata"]["creationTimestamp"])
-                             - parse_timestamp(end)).total_seconds()))
+    for before, at in zip(created, created[1:], strict=False):
+        ends = [(j.get("status") or {}).get("completionTime") for j in jobs
+                if j["metadata"]["creationTimestamp"] <= before]
+        if ends and all(ends):
+            gaps.append(int((parse_timestamp(at) - max(parse_timestamp(e) for e in ends)).total_seconds()))
     return gaps
 
 
@@ -177,9 +185,16 @@ def test_failures_retries_and_suspend(cluster, kubectl, k8s, namespace, s3, pod_
         j["metadata"]["name"].startswith("evict-generation-0") for j in k8s.jobs(namespace)) else None)(
         get_ps(k8s, namespace, "evict")), 300, "the search past its database", interval=0.2)
     attempts = ps["status"]["attempts"]
-    evicted = [a for a in attempts.values() if a["reason"] == "Evicted"]
-    # the Job's podFailurePolicy (Ignore on DisruptionTarget) may replace the pod itself: either way nothing counts
-    assert all(not a["counted"] for a in evicted) and ps["status"]["retries"] == {}
+    # the eviction happened: exactly one pod of the database Job was evicted
+    evicted_pods = [p.name for p in pod_runner.runs if p.job == "evict-database-0-of-1-a0" and p.reason == "Evicted"]
+    assert len(evicted_pods) == 1, [(p.name, p.reason) for p in pod_runner.runs]
+    # The Job's podFailurePolicy (Ignore on DisruptionTarget) replaces the pod within the same Job, or the
+    # operator sees an Evicted attempt and starts a1: either way the retry is not counted.
+    evicted = {n: a for n, a in attempts.items() if a["reason"] == "Evicted"}
+    replaced = [p for p in pod_runner.runs if p.job == "evict-database-0-of-1-a0" and p.name not in evicted_pods]
+    assert (evicted and {a["counted"] for a in evicted.values()} == {False}) or len(replaced) == 1, (
+        attempts, [(p.name, p.reason, p.exit_code) for p in pod_runner.runs])
+    assert ps["status"]["retries"] == {}
     assert ps["status"]["phase"] == "Running"
 
     # 2. suspend: the running Job goes, the phase says so; resume continues

@@ -1,9 +1,8 @@
 """The operator under faults, end to end on the emulator stack (kopf run + pod runner + moto), tiny model.
 
-* The operator is SIGKILLed and restarted many times, at seeded random points, during one whole search
-  (database, generations, post-training, export, evaluation; while Jobs run and around the hand-offs):
-  the search still succeeds with the embedded run's result, and no task runs twice: every Job is adopted
-  after a restart, none is created again.
+* The operator is SIGKILLed and restarted exactly 15 times, at seeded instants drawn uniformly over its
+  lifetime (not tied to Job events), while two searches run at once: both succeed (the full one with the
+  embedded run's result), and no task runs twice: every Job is adopted after a restart, none is created again.
 * A worker that exits 1 is retried and the retry counts against backoffLimit; one killed from outside
   (exit code 137, SIGKILL) is retried without counting; S3 refusing connections for 30 s while a Job runs
   is ridden out by the jobs (retriable) and the operator (its reconcile loop backs off), and the search
@@ -40,63 +39,78 @@ def _kind(job_name: str) -> str:
     return next(k for k in KINDS if f"-{k}-" in job_name)
 
 
+KILLS = 15
+
+
 def test_operator_sigkilled_at_random_points_adopts_its_jobs(cluster, kubectl, k8s, namespace, s3, pod_runner,
                                                              pod_assets, embedded_tiny):
+    """Two searches at once; the operator SIGKILLed exactly KILLS times at random instants spread over its
+    whole lifetime, whatever the Jobs are doing, then left to finish. Each delay is drawn uniformly from
+    [0, 2 R / k], with k the kills left and R the remaining lifetime estimated from the fraction of Jobs
+    finished so far (x 0.7, so that all KILLS land before the end): a kill is never keyed to a Job event."""
+    from darwinlm.spec import load_spec
+
     op, _ = cluster
     rng = random.Random(4)
+    small = {"search": {**tiny_spec_dict(pod_assets, "x")["search"], "generations": 1}}
+    mini_spec = load_spec({**tiny_spec_dict(pod_assets, "s3://b/p"), **small, "name": "mini"})
+    total_jobs = len(all_job_names(embedded_tiny[0], "tiny")) + len(all_job_names(mini_spec, "mini"))
     apply_search(kubectl, manifest("tiny", pod_assets, s3), namespace)
+    apply_search(kubectl, manifest("mini", pod_assets, s3, **small), namespace)
     t0 = time.monotonic()
-    due: list[float] = []  # when to kill next
-    seen, ended = set(), set()
-    kills: list[tuple[float, list[str], str]] = []  # (seconds into the run, Jobs running, the stage)
+
+    def next_kill() -> float:
+        done = sum(1 for j in k8s.jobs(namespace) if finished(j)) / total_jobs
+        elapsed = time.monotonic() - t0
+        remaining = 0.7 * elapsed * (1 - done) / done if done else max(30.0, 3 * elapsed)
+        return time.monotonic() + rng.uniform(0.0, 2 * remaining / (KILLS - len(kills)))
+
+    kills: list[tuple[float, list[str]]] = []  # (seconds into the run, Jobs running)
+    due = next_kill()
+    phases: dict[str, str] = {}
     while True:
-        ps = get_ps(k8s, namespace, "tiny")
-        if (ps.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        phases = {n: (get_ps(k8s, namespace, n).get("status") or {}).get("phase") for n in ("tiny", "mini")}
+        if all(p in ("Succeeded", "Failed") for p in phases.values()):
             break
-        assert time.monotonic() - t0 < 600, f"no end after 600 s; kills: {kills}\n{op.current_output[-3000:]}"
-        now = time.monotonic()
-        jobs = k8s.jobs(namespace)
-        for j in jobs:
-            name = j["metadata"]["name"]
-            if name not in seen:  # once while each Job runs...
-                seen.add(name)
-                due.append(now + rng.uniform(0.3, 3.0))
-            if finished(j) and name not in ended:  # ...and around each hand-off to the next Job
-                ended.add(name)
-                due.append(now + rng.uniform(0.0, 1.0))
-        if due and now >= min(due):
-            due.remove(min(due))
-            live = sorted(j["metadata"]["name"] for j in jobs if not finished(j))
-            kills.append((round(now - t0, 1), live, cond(ps, "Running").get("reason", "")))
+        assert time.monotonic() - t0 < 1200, f"no end after 1200 s; kills: {kills}\n{op.current_output[-3000:]}"
+        if len(kills) < KILLS and time.monotonic() >= due:
+            live = sorted(j["metadata"]["name"] for j in k8s.jobs(namespace) if not finished(j))
+            kills.append((round(time.monotonic() - t0, 1), live))
             op.kill()
             op.start()
             op.wait_ready(P, timeout=60)
-        time.sleep(0.1)
+            if len(kills) < KILLS:
+                due = next_kill()
+        time.sleep(0.05)
     elapsed = time.monotonic() - t0
     print(f"\n[faults] {len(kills)} operator SIGKILLs in {elapsed:.1f} s: {kills}")
 
-    st = ps["status"]
-    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
-    assert len(kills) >= 10, kills
-    hit = {_kind(n) for _, live, _ in kills for n in live}
-    assert hit == set(KINDS), f"kills while these kinds of Job ran: {hit}"
+    assert phases == {"tiny": "Succeeded", "mini": "Succeeded"}, phases
+    # exactly KILLS kills, all while a search was still running (each found live Jobs or a hand-off)
+    assert len(kills) == KILLS and op.starts == KILLS + 1, kills
+    hit = {_kind(n) for _, live in kills for n in live}
+    print(f"[faults] Job kinds running at the kills: {sorted(hit)}")
+    assert len(hit) >= 3, f"kills while these kinds of Job ran: {hit}"
 
     # the same result as the embedded run
     spec, want = embedded_tiny
+    ps = get_ps(k8s, namespace, "tiny")
     got = s3_json(s3, f"{PREFIX}/searches/tiny-{ps['metadata']['uid']}/result/config.json")
     assert got == want
 
-    # no task ran twice: one Job per task (attempt 0 only), one pod per Job, nothing retried
+    # no task ran twice, in either search: one Job per task (attempt 0 only), one pod per Job, nothing retried
     names = sorted(j["metadata"]["name"] for j in k8s.jobs(namespace))
-    assert names == all_job_names(spec, "tiny"), names
+    assert names == sorted(all_job_names(spec, "tiny") + all_job_names(mini_spec, "mini")), names
     pods = collections.Counter(p.job for p in pod_runner.runs)
     assert sorted(pods) == names and set(pods.values()) == {1}, pods
-    # the last Job ends just after its completion marker made the search Succeeded: it is accounted then
-    st = wait_for(lambda: (lambda s: s if sorted(s.get("attempts") or {}) == names else None)(
-        get_ps(k8s, namespace, "tiny")["status"]), 30, "every Job in status.attempts")
-    assert st["retries"] == {} and {a["outcome"] for a in st["attempts"].values()} == {"Succeeded"}
-    assert all(p.exit_code == 0 for p in pod_runner.runs), [(p.name, p.exit_code) for p in pod_runner.runs]
-    assert op.starts == len(kills) + 1
+    for name in ("tiny", "mini"):
+        mine = sorted(n for n in names if n.startswith(f"{name}-"))
+        # the last Job ends just after its completion marker made the search Succeeded: it is accounted then
+        st = wait_for(lambda name=name, mine=mine: (lambda s: s if sorted(s.get("attempts") or {}) == mine
+                                                    else None)(get_ps(k8s, namespace, name)["status"]),
+                      30, f"every Job of {name} in status.attempts")
+        assert st["retries"] == {} and {a["outcome"] for a in st["attempts"].values()} == {"Succeeded"}
+    assert {p.exit_code for p in pod_runner.runs} == {0}, [(p.name, p.exit_code) for p in pod_runner.runs]
 
 
 def test_worker_failures_and_an_s3_outage_are_retried_to_success(kubectl, k8s, namespace, s3_process, pod_runner,

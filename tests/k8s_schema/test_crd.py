@@ -96,7 +96,7 @@ def _to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
         out["type"] = [out["type"], "null"]
         if "enum" in out:
             out["enum"] = [*out["enum"], None]
-    if (out.get("type") == "object" and "additionalProperties" not in out
+    if (node.get("type") == "object" and "additionalProperties" not in out
             and not node.get("x-kubernetes-preserve-unknown-fields")):
         out["additionalProperties"] = False  # strict field validation (kubectl's default)
     return out
@@ -458,3 +458,73 @@ def test_bad_manifest(path):
             assert not found[layer], f"{layer} now rejects it too: update '# layers:'\n{report}"
     assert any(substring in m for errs in found.values() for p, m in errs if _names(p, m, field)), (
         f"no error at {field} mentions {substring!r}:\n{report}")
+
+
+# ----------------------------------------------------------------------------- type confusion
+
+def _leaves(value: Any, path: str):
+    """Every node under ``value`` (objects, arrays and scalars), with its path from the root."""
+    yield path, value
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _leaves(sub, _join(path, key))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            yield from _leaves(sub, _join(path, i))
+
+
+def _confused(value: Any) -> Any:
+    """A value of another JSON type that no field typed like ``value`` accepts (quantities take
+    integers and strings, so strings become booleans)."""
+    if isinstance(value, bool):
+        return "yes"
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, str):
+        return True
+    return "x"  # objects and arrays
+
+
+def _replace(obj: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    node, keys = out, re.findall(r"\[(\d+)\]|\['([^']+)'\]|\.?([A-Za-z_][A-Za-z0-9_]*)", path)
+    keys = [int(i) if i else (q or n) for i, q, n in keys]
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    return out
+
+
+def test_every_spec_field_refuses_a_value_of_the_wrong_type():
+    """The type-confusion fuzz: each node of the richest good manifest's spec, in turn, gets a value
+    of another JSON type; the CRD (as the API server) and the loader must both refuse it and name
+    that field. This caught podTemplate.volumes[].persistentVolumeClaim.claimName/.readOnly and
+    volumeMounts[].readOnly, once preserved as unknown fields and refused only at Job creation."""
+    _, good = _documents(HERE / "good_manifests" / "gpu-s3-everything.yaml")
+    good.pop("status", None)
+    cases = [(p, v) for p, v in _leaves(good["spec"], "spec") if p != "spec"]
+    assert len(cases) >= 100, len(cases)  # the manifest really sets the podTemplate's nested fields
+    missed = []
+    for path, value in cases:
+        bad = _replace(good, path, _confused(value))
+        for layer, errors in (("crd", crd_errors(bad)), ("python", python_errors(bad))):
+            if not any(_names(p, m, path) for p, m in errors):
+                missed.append(f"{layer} accepts {_confused(value)!r} at {path}: {errors}")
+    assert not missed, "\n".join(missed)
+
+
+def test_pod_template_core_types_are_generated_from_the_kubernetes_client():
+    from darwinlm_operator import _kcore
+
+    vol = _kcore.schema("Volume")
+    assert set(vol["properties"]) == {"name", *_kcore.VOLUME_SOURCES}
+    pvc = vol["properties"]["persistentVolumeClaim"]
+    assert pvc["required"] == ["claimName"] and pvc["properties"]["readOnly"]["type"] == "boolean"
+    assert set(_kcore.schema("VolumeMount")["required"]) == {"name", "mountPath"}
+    template = SCHEMA["properties"]["spec"]["properties"]["podTemplate"]
+    assert template["properties"]["volumes"]["items"]["properties"]["persistentVolumeClaim"] == pvc
+    assert template["properties"]["affinity"]["properties"]["nodeAffinity"] == \
+        _kcore.schema("Affinity")["properties"]["nodeAffinity"]
+    # nothing under podTemplate keeps unknown fields any more: every shape is checked by the API server
+    loose = [p for p, s in _walk(template, "podTemplate") if s.get("x-kubernetes-preserve-unknown-fields")]
+    assert not loose, loose

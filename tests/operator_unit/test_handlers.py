@@ -203,3 +203,57 @@ def test_the_default_generations_per_job_comes_from_the_environment(monkeypatch)
     monkeypatch.setenv("DARWINLM_GENERATIONS_PER_JOB", "-1")
     with pytest.raises(ValueError, match="generationsPerJob"):
         handlers.OperatorConfig.from_env()
+
+
+def test_unusable_credentials_fail_the_search_by_name_then_a_fix_clears_it(monkeypatch):
+    import pytest
+
+    from darwinlm.errors import StoreError
+    from darwinlm_operator.store_access import CredentialsError
+
+    kube = FakeKube(make_cr(s3={"secretRef": {"name": "s3-creds"}}, store="s3://bucket/prefix"))
+
+    def missing(kube, cr, memo, stores):
+        raise CredentialsError("Secret team-a/s3-creds has no key 'AWS_ACCESS_KEY_ID' (spec.s3.secretRef)")
+
+    monkeypatch.setattr(handlers, "_store_view", missing)
+    with pytest.raises(CredentialsError):  # re-raised: the search loop backs off and posts one Event
+        handlers.reconcile_once(kube, "team-a", "tiny", {}, now=at(0), op=handlers.Operator())
+    st = kube.cr["status"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == "Failed" and conds["Invalid"]["reason"] == conds["Failed"]["reason"] == "CredentialsInvalid"
+    assert "Secret team-a/s3-creds has no key 'AWS_ACCESS_KEY_ID'" in conds["Invalid"]["message"]
+    assert not kube.jobs
+
+    # S3 refuses the pair twice (the Secret is read again in between): named by Secret and keys
+    calls = []
+
+    class Refusing(FakeStore):
+        def exists(self, key):
+            calls.append(key)
+            raise StoreError("exists s3://bucket/k: ClientError: An error occurred (InvalidAccessKeyId) when ...")
+
+    op = handlers.Operator()
+    forgot = []
+    monkeypatch.setattr(op.stores, "forget_credentials", lambda: forgot.append(1))
+    monkeypatch.setattr(handlers, "_store_view", lambda kube, cr, memo, stores: Refusing())
+    with pytest.raises(StoreError):
+        handlers.reconcile_once(kube, "team-a", "tiny", {}, now=at(1), op=op)
+    assert forgot == [1] and len(calls) == 2
+    assert kube.cr["status"]["message"] == ("S3 refused the credentials of Secret team-a/s3-creds (keys "
+                                            "'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY'; spec.s3.secretRef): "
+                                            "InvalidAccessKeyId")
+
+    # an outage is not about credentials: no status change
+    kube.writes.clear()
+    monkeypatch.setattr(handlers, "_store_view", lambda kube, cr, memo, stores: (_ for _ in ()).throw(
+        StoreError("exists s3://bucket/k: EndpointConnectionError: Could not connect")))
+    with pytest.raises(StoreError):
+        handlers.reconcile_once(kube, "team-a", "tiny", {}, now=at(2), op=handlers.Operator())
+    assert kube.writes == []
+
+    # the Secret is fixed: the next reconcile clears the failure and creates the first Job
+    _reconcile(kube, FakeStore(), monkeypatch, t=3)
+    conds = {c["type"]: c for c in kube.cr["status"]["conditions"]}
+    assert kube.cr["status"]["phase"] == "Running" and conds["Invalid"]["status"] == "False"
+    assert conds["Failed"]["status"] == "False" and list(kube.jobs) == ["tiny-database-0-of-1-a0"]

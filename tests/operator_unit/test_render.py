@@ -185,6 +185,7 @@ def test_generation_with_workers_is_an_indexed_job_with_rendezvous():
     assert svc["metadata"]["name"] == pod["subdomain"] and svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True
     selector = svc["spec"]["selector"]
+    assert selector, "a headless Service without a selector would select nothing"
     assert all(s["template"]["metadata"]["labels"].get(k) == v for k, v in selector.items())
     assert svc["metadata"]["ownerReferences"][0]["uid"] == UID
 

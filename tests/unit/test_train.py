@@ -103,3 +103,29 @@ def test_posttrain_resume_is_exact(ws):
     posttrain(resumed, ws.pools.finetune, pt, "float32", np.random.default_rng(0), store=store, prefix="p")
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_a_torn_checkpoint_trains_again_from_the_start(ws, caplog):
+    """Killed between a checkpoint's weights (step 4) and its meta (still step 2): the pair is torn, and
+    resuming from it would load step-4 weights as step 2. Post-training starts over instead (found by
+    the crash matrix's slow tier), and gives the uninterrupted result."""
+    genome = ws.uniform_genome()
+    pt = with_overrides(ws.spec, **{"posttrain.tokens": 512, "posttrain.checkpoint_every": 2}).posttrain
+    full = ws.builder.shrunk(genome)
+    steps = len(posttrain(full, ws.pools.finetune, pt, "float32", np.random.default_rng(0)))
+    store = ws.store.child("test-torn")
+    part = ws.builder.shrunk(genome)
+    seen = {}
+
+    def remember(step, steps, loss):  # called before the step's checkpoint: at 3, step 2's meta is there
+        if step == 3:
+            seen["meta"] = store.get_bytes("p/checkpoint.json")
+
+    posttrain(part, ws.pools.finetune, pt, "float32", np.random.default_rng(0), store=store, prefix="p",
+              progress=remember)
+    store.put_bytes("p/checkpoint.json", seen["meta"])  # the meta of step 2 beside the final weights
+    resumed = ws.builder.shrunk(genome)
+    losses = posttrain(resumed, ws.pools.finetune, pt, "float32", np.random.default_rng(0), store=store, prefix="p")
+    assert "torn checkpoint" in caplog.text and len(losses) == steps  # every step again
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
