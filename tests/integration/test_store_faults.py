@@ -34,6 +34,18 @@ from darwinlm.spec import load_spec
 from tests.support.crash import store_diff
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The reference run is a child with OMP_NUM_THREADS=1; the repaired runs here run in this process, and
+    must use the same thread count to give the same bits (the database's reductions depend on it)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _flip(path: pathlib.Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
