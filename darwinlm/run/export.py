@@ -20,16 +20,18 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from darwinlm.core.budget import prunable_params, removed_params
 from darwinlm.errors import SpecError
-from darwinlm.llm import gguf_vocab
 from darwinlm.llm.adapter import adapter_for
-from darwinlm.llm.gguf_export import gguf_problems, write_gguf
 from darwinlm.llm.runtime import torch_dtype
 from darwinlm.provision import MODEL_GGUF, PROVENANCE_FILE, find_gguf
 from darwinlm.spec import spec_to_dict
 from darwinlm.store import layout
+
+if TYPE_CHECKING:  # the gguf package loads only when a GGUF is written (a GPU image may lack it)
+    from darwinlm.llm import gguf_vocab
 from darwinlm.version import __version__
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ def gguf_tokenizer(spec) -> gguf_vocab.TokenizerFields:
         return _from_gguf(source)
     if (model_dir / "tokenizer.json").is_file():
         try:
+            from darwinlm.llm import gguf_vocab
+
             return gguf_vocab.from_tokenizer_json(model_dir)
         except ValueError as err:
             raise SpecError([("export.gguf_tokenizer", str(err))]) from err
@@ -78,6 +82,8 @@ def gguf_tokenizer(spec) -> gguf_vocab.TokenizerFields:
 
 def _from_gguf(path: Path) -> gguf_vocab.TokenizerFields:
     try:
+        from darwinlm.llm import gguf_vocab
+
         return gguf_vocab.from_gguf(path)
     except (ValueError, OSError) as err:
         raise SpecError([("export.gguf_tokenizer", f"cannot read a tokenizer from {str(path)!r}: {err}")]) from err
@@ -105,6 +111,8 @@ def _file_sha256(path: Path) -> str:
 
 def _check_gguf(spec, model) -> gguf_vocab.TokenizerFields:
     """Everything that can refuse the GGUF export, before anything is written."""
+    from darwinlm.llm.gguf_export import gguf_problems
+
     problems = gguf_problems(model.config)
     if problems:
         raise SpecError([("export.formats", f"gguf: {p}") for p in problems])
@@ -145,6 +153,8 @@ def export_model(ws, model, genome) -> dict:
             path = Path(tmp) / "model.gguf"
             meta = {"darwinlm.version": __version__, "darwinlm.configuration": json.dumps(genome.to_dict()),
                     "darwinlm.database": ws.db_key}
+            from darwinlm.llm.gguf_export import write_gguf
+
             info = write_gguf(model, path, gguf_type=e.gguf_type, tokenizer=tokenizer, name=spec.name, metadata=meta)
             info["tokenizer"] = tokenizer.source
             info["uri"] = f"{ws.store.uri}/{layout.gguf_file(e.gguf_type)}"

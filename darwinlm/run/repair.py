@@ -23,7 +23,6 @@ artifact                                               deleted so the plan redoe
 from __future__ import annotations
 
 import logging
-import re
 
 from darwinlm.errors import ChecksumMismatch
 from darwinlm.store import layout
@@ -32,9 +31,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["recompute"]
 
-_GENERATION = re.compile(r"generations/\d{5}/(state\.json|results/[^/]+\.json)")
-_CHECKPOINT = re.compile(r"(posttrain/[^/]+)/checkpoint\.(json|safetensors)")
-_LAYER = re.compile(r"databases/([^/]+)/layers/[^/]+\.safetensors")
+_GENERATION = layout.GENERATION_ARTIFACT
+_CHECKPOINT = layout.CHECKPOINT_FILE
+_LAYER = layout.DATABASE_LAYER_FILE
 
 
 def recompute(ws, exc: ChecksumMismatch, done: set[str]) -> bool:

@@ -31,6 +31,7 @@ store). Nothing here touches a store, except :func:`spec_drift`, which compares 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,3 +168,12 @@ def spec_drift(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str
     may the :data:`OUTPUT_ONLY_FIELDS`."""
     saved, current = _comparable(saved), _comparable(current)
     return sorted(k for k in set(saved) | set(current) if k != "store" and saved.get(k) != current.get(k))
+
+
+# ------------------------------------------------------------------------------ recomputable artifacts
+# The keys whose corruption run/repair.py can undo by deleting them (and what depends on them) so that
+# the plan computes them again: a generation's state or a candidate result, a post-training checkpoint,
+# a layer of a database.
+GENERATION_ARTIFACT = re.compile(r"generations/\d{5}/(state\.json|results/[^/]+\.json)")
+CHECKPOINT_FILE = re.compile(r"(posttrain/[^/]+)/checkpoint\.(json|safetensors)")
+DATABASE_LAYER_FILE = re.compile(r"databases/([^/]+)/layers/[^/]+\.safetensors")
