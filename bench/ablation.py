@@ -185,7 +185,8 @@ def run(args) -> dict:
     results: dict = {}
     summaries: dict = {}
     for v, scale in runs:
-        spec = variant_specs(base, store=args.store, scale=scale, python_docs=docs)[v]
+        specs = variant_specs(base, store=args.store, scale=scale, python_docs=docs)
+        spec = specs[v]
         t0 = time.time()
         log.info("variant %s x%d (%s): search %s in %s", v, scale, LABELS[v], spec.name, spec.store)
         ws = run_search(spec) if not args.report_only else Workspace(spec)
@@ -204,7 +205,7 @@ def run(args) -> dict:
             results["a"] = {"variant": "a", "scale": None, "search": None, "source": spec.name,
                             "sets": _entry(summary, "uniform")}
         if v == "d" and not args.no_cross_eval:
-            ref = variant_specs(base, store=args.store, scale=scale, python_docs=docs)["f"]
+            ref = specs["f"]
             log.info("re-evaluating variant d against the fp32 dense")
             results[key]["vs_fp32_dense"] = cross_evaluate(Workspace(ref), ws)
         log.info("variant %s x%d done in %.0fs", v, scale, wall)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from darwinlm.errors import DarwinLMError
 
-from .cache import PROVENANCE_FILE, ProvisionError, default_cache_dir, log, read_provenance
+from .cache import PROVENANCE_FILE, ProvisionError, default_cache_dir, file_sha256, log, read_provenance
 from .model import (MODEL_ARCHITECTURE, MODEL_FORMAT, MODEL_GGUF, MODEL_LAYERS, MODEL_NAME, MODEL_WHEEL, find_gguf,
                     model_dir, provision_model)
 from .text import (BROWN_FILE_RE, BROWN_FILES, BROWN_INTEGRITY, BROWN_PACKAGE, BROWN_VERSION, DOCS_PACKAGE,
@@ -50,7 +50,8 @@ from .text import (BROWN_FILE_RE, BROWN_FILES, BROWN_INTEGRITY, BROWN_PACKAGE, B
                    strip_pos_tags, text_dir)
 
 __all__ = [
-    "add_arguments", "run", "main", "PROVENANCE_FILE", "ProvisionError", "default_cache_dir", "read_provenance",
+    "add_arguments", "run", "main", "PROVENANCE_FILE", "ProvisionError", "default_cache_dir", "file_sha256",
+    "read_provenance",
     "MODEL_ARCHITECTURE", "MODEL_FORMAT", "MODEL_GGUF", "MODEL_LAYERS", "MODEL_NAME", "MODEL_WHEEL", "find_gguf",
     "model_dir", "provision_model", "BROWN_FILE_RE", "BROWN_FILES", "BROWN_INTEGRITY", "BROWN_PACKAGE",
     "BROWN_VERSION", "DOCS_PACKAGE", "DOCS_SOURCES", "HELDOUT_EVERY", "TEXT_FORMAT", "provision_text",

@@ -61,7 +61,8 @@ def read_provenance(directory: Path, kind: str, fmt: int) -> dict | None:
     return prov
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -77,7 +78,7 @@ def _build_atomically(final: Path, kind: str, fmt: int, build: Callable[[Path], 
     try:
         prov = {"kind": kind, "format": fmt, **build(tmp)}
         prov["files"] = {
-            p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }

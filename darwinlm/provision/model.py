@@ -16,7 +16,7 @@ from pathlib import Path
 from darwinlm.provision.cache import (
     ProvisionError,
     _build_atomically,
-    _sha256,
+    file_sha256,
     _version,
     default_cache_dir,
     log,
@@ -89,7 +89,7 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
             "wheel": MODEL_WHEEL,
             "wheel_version": _version(MODEL_WHEEL),
             "gguf_file": gguf.name,
-            "gguf_sha256": _sha256(gguf),
+            "gguf_sha256": file_sha256(gguf),
         },
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

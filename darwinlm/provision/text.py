@@ -26,7 +26,7 @@ from pathlib import Path
 from darwinlm.provision.cache import (
     ProvisionError,
     _build_atomically,
-    _sha256,
+    file_sha256,
     default_cache_dir,
     log,
     read_provenance,
@@ -187,7 +187,7 @@ def _build_python_docs(out: Path) -> dict:
             # library/os.rst.txt -> library__os.txt (flat, and index.rst.txt files stay distinct)
             flat = "__".join(src.relative_to(sources).parts)[: -len(".rst.txt")] + ".txt"
             shutil.copyfile(src, out / flat)
-        return {"source": {"deb": deb.name, "deb_sha256": _sha256(deb)}}
+        return {"source": {"deb": deb.name, "deb_sha256": file_sha256(deb)}}
 
 
 def provision_text(cache_dir: Path | None = None, *, force: bool = False, debian_docs: bool = False) -> Path:

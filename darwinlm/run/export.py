@@ -14,7 +14,6 @@ is written, and the GGUF file is complete on local disk before it goes to the st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from darwinlm.core.budget import prunable_params, removed_params
 from darwinlm.errors import SpecError
 from darwinlm.llm.adapter import adapter_for
 from darwinlm.llm.runtime import torch_dtype
-from darwinlm.provision import MODEL_GGUF, PROVENANCE_FILE, find_gguf
+from darwinlm.provision import MODEL_GGUF, PROVENANCE_FILE, file_sha256, find_gguf
 from darwinlm.spec import spec_to_dict
 from darwinlm.store import layout
 
@@ -96,17 +95,9 @@ def _provisioned_gguf(model_dir: Path) -> Path | None:
         path = find_gguf()
     except Exception:  # noqa: BLE001 - no provenance, or the wheel is gone: not a provisioned model
         return None
-    if source.get("gguf_file") != MODEL_GGUF or source.get("gguf_sha256") != _file_sha256(path):
+    if source.get("gguf_file") != MODEL_GGUF or source.get("gguf_sha256") != file_sha256(path):
         return None
     return path
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_gguf(spec, model) -> gguf_vocab.TokenizerFields:
